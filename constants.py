@@ -1,0 +1,34 @@
+"""
+Fixed rules of the game. DO NOT MODIFY.
+
+Every experiment is compared with every other under these numbers: the
+context length, the wall-clock training budget and the size of the
+validation set that `val_bpb` is measured on. `prepare.py` and `train.py`
+import them; agents never change them.
+
+One switch, for smoke runs only: `AUTORESEARCH_SMOKE=1` shrinks all three so
+the whole pipeline (prepare -> train -> evaluate) runs in a minute or two on
+a laptop CPU. Without it nothing here changes. Numbers from a smoke run are
+not comparable with real runs and must never be reported as results.
+"""
+
+import os
+
+# =============================================================================
+# The contract (do not modify)
+# =============================================================================
+
+MAX_SEQ_LEN = 2048          # context length in tokens
+TIME_BUDGET = 300           # seconds of training, wall clock, compile excluded
+EVAL_TOKENS = 40 * 524288   # validation tokens behind val_bpb (20,971,520)
+
+# =============================================================================
+# Smoke switch (for preflight checks only; numbers are not comparable)
+# =============================================================================
+
+SMOKE = os.environ.get("AUTORESEARCH_SMOKE", "0") not in ("", "0")
+
+if SMOKE:
+    MAX_SEQ_LEN = 256
+    TIME_BUDGET = 10
+    EVAL_TOKENS = 32 * 256
