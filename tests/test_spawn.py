@@ -1,0 +1,332 @@
+"""
+spawn.sh against a throwaway git repo, with a stand-in for the agent.
+
+    uv run pytest tests/test_spawn.py -v
+
+Each test copies spawn.sh and a minimal program.md into a fresh git repo under
+tmp_path and drives `bash spawn.sh ...` there. AUTORESEARCH_AGENT_CMD points
+at a small bash script that records what its pane sees (CUDA_VISIBLE_DEVICES,
+working directory, last argument = the prompt), appends a row to results.tsv,
+shows a `> ` prompt and waits. Every test uses its own tmux server
+(TMUX_SOCKET -> `tmux -L`), killed afterwards, so the user's tmux is never
+touched. Needs git and tmux; no GPU.
+"""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SPAWN = REPO / "spawn.sh"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("tmux") is None or shutil.which("git") is None,
+    reason="spawn.sh tests need tmux and git (.ci/run installs tmux)",
+)
+
+STAND_IN = r"""#!/usr/bin/env bash
+# Stand-in agent: $1 = folder for its report; the prompt is the last argument.
+out=$1
+report="$out/gpu$CUDA_VISIBLE_DEVICES.txt"
+printf '%s\n%s\n%s\n' "$CUDA_VISIBLE_DEVICES" "$PWD" "${!#}" > "$report.tmp"
+mv "$report.tmp" "$report"
+[[ -f results.tsv ]] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\n' > results.tsv
+printf 'abc1234\t0.997900\t44.0\tkeep\tbaseline gpu%s\n' "$CUDA_VISIBLE_DEVICES" >> results.tsv
+read -r -p '> ' reply
+printf '%s\n' "$reply" > "$out/gpu$CUDA_VISIBLE_DEVICES.nudge"
+sleep 600
+"""
+
+
+# =============================================================================
+# Fixtures and helpers
+# =============================================================================
+
+def git(repo, *args):
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+class Sandbox:
+    """A throwaway repo with spawn.sh, its own tmux server and a stand-in agent."""
+
+    def __init__(self, tmp_path, socket):
+        self.repo = tmp_path / "repo"
+        self.out = tmp_path / "out"
+        self.socket = socket
+        self.repo.mkdir()
+        self.out.mkdir()
+        shutil.copy(SPAWN, self.repo / "spawn.sh")
+        (self.repo / "program.md").write_text("# program\nRun experiments.\n")
+        (self.repo / ".gitignore").write_text("worktrees/\nresults/\nresults.tsv\n.venv\n")
+        (self.repo / ".venv").mkdir()
+        (self.repo / ".venv" / "marker").write_text("venv\n")
+        agent = tmp_path / "agent.sh"
+        agent.write_text(STAND_IN)
+        self.env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE", "CUDA_VISIBLE_DEVICES")}
+        self.env.update(
+            TMUX_SOCKET=socket,
+            WATCH_INTERVAL="600",
+            AUTORESEARCH_AGENT_CMD=f"bash {agent} {self.out}",
+            GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid",
+            GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.invalid",
+        )
+        git(self.repo, "init", "-q", "-b", "main")
+        git(self.repo, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "add", "-A")
+        git(self.repo, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "init")
+        self.head = git(self.repo, "rev-parse", "HEAD")
+
+    def spawn(self, *args, **env):
+        e = dict(self.env)
+        e.update(env)
+        return subprocess.run(["bash", "spawn.sh", *args], cwd=self.repo, env=e,
+                              capture_output=True, text=True, timeout=60)
+
+    def tmux(self, *args):
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True)
+
+    def has_session(self, tag):
+        return self.tmux("has-session", "-t", f"=autoresearch-{tag}").returncode == 0
+
+    def branches(self):
+        out = git(self.repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/autoresearch/")
+        return sorted(out.split())
+
+    def worktrees(self):
+        return sorted(p.name for p in (self.repo / "worktrees").glob("gpu*")) if (self.repo / "worktrees").exists() else []
+
+    def watcher_pid(self, tag):
+        f = self.repo / "worktrees" / f".watcher-{tag}.pid"
+        return int(f.read_text()) if f.exists() else None
+
+    def report(self, gpu, timeout=10.0):
+        """What the stand-in on <gpu> wrote: (CUDA_VISIBLE_DEVICES, cwd, prompt)."""
+        path = self.out / f"gpu{gpu}.txt"
+        wait_for(path.exists, timeout, f"stand-in agent on gpu{gpu} never reported")
+        return tuple(path.read_text().splitlines())
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(what)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def sb(tmp_path, request):
+    socket = f"autoresearch-test-{os.getpid()}-{request.node.name}"[:90]
+    box = Sandbox(tmp_path, socket)
+    yield box
+    # Our watchers only (by their pid files), then our private tmux server.
+    for pidfile in (box.repo / "worktrees").glob(".watcher-*.pid"):
+        try:
+            os.kill(int(pidfile.read_text()), 15)
+        except (ValueError, ProcessLookupError):
+            pass
+    box.tmux("kill-server")
+    # tmux leaves the socket file behind; it lives where `tmux -L` puts it.
+    tmux_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+    (tmux_dir / socket).unlink(missing_ok=True)
+
+
+# =============================================================================
+# launch / status / stop
+# =============================================================================
+
+def test_launch_status_stop(sb):
+    r = sb.spawn("launch", "night1", "alpha:0", "beta:2")
+    assert r.returncode == 0, r.stderr
+
+    # One branch per worker, from the launch commit; one worktree each, venv linked.
+    assert sb.branches() == ["autoresearch/night1-gpu0", "autoresearch/night1-gpu2"]
+    for gpu in (0, 2):
+        assert git(sb.repo, "rev-parse", f"autoresearch/night1-gpu{gpu}") == sb.head
+        wt = sb.repo / "worktrees" / f"gpu{gpu}"
+        assert (wt / "program.md").exists()
+        assert (wt / ".venv").is_symlink() and (wt / ".venv" / "marker").exists()
+        assert git(wt, "branch", "--show-current") == f"autoresearch/night1-gpu{gpu}"
+
+    # Each pane runs in its worktree, sees its own GPU and gets the prompt.
+    for gpu in (0, 2):
+        cuda, cwd, prompt = sb.report(gpu)
+        assert cuda == str(gpu)
+        assert Path(cwd).resolve() == (sb.repo / "worktrees" / f"gpu{gpu}").resolve()
+        assert prompt == "Read program.md and follow the instructions."
+
+    # One session, one pane per worker, and a watcher in the background.
+    panes = sb.tmux("list-panes", "-s", "-t", "=autoresearch-night1", "-F", "#{@worker}").stdout.splitlines()
+    assert sorted(panes) == ["gpu0 alpha autoresearch/night1-gpu0", "gpu2 beta autoresearch/night1-gpu2"]
+    pid = sb.watcher_pid("night1")
+    assert pid is not None and alive(pid)
+
+    r = sb.spawn("status")
+    assert r.returncode == 0, r.stderr
+    for needle in ("autoresearch-night1", "worktrees/gpu0", "worktrees/gpu2",
+                   "autoresearch/night1-gpu0", "autoresearch/night1-gpu2",
+                   "worktrees/gpu0/results.tsv (1 rows)", f"watcher pid {pid}"):
+        assert needle in r.stdout, (needle, r.stdout)
+
+    r = sb.spawn("stop", "night1")
+    assert r.returncode == 0, r.stderr
+    assert not sb.has_session("night1")
+    wait_for(lambda: not alive(pid), 5, "watcher survived stop")
+    assert sb.worktrees() == []
+    assert "worktrees/gpu" not in git(sb.repo, "worktree", "list")
+    assert sb.branches() == ["autoresearch/night1-gpu0", "autoresearch/night1-gpu2"]
+    assert (sb.repo / ".venv" / "marker").exists(), "removing a worktree must not touch the linked venv"
+    for gpu in (0, 2):
+        rows = (sb.repo / "results" / f"night1-gpu{gpu}.tsv").read_text().splitlines()
+        assert rows == ["commit\tval_bpb\tmemory_gb\tstatus\tdescription",
+                        f"abc1234\t0.997900\t44.0\tkeep\tbaseline gpu{gpu}"]
+
+    assert "results/night1-gpu0.tsv (1 rows)" in sb.spawn("status").stdout
+
+    # Safe to re-run.
+    r = sb.spawn("stop", "night1")
+    assert r.returncode == 0 and "nothing running" in r.stdout
+
+
+def test_stop_never_overwrites_results(sb):
+    (sb.repo / "results").mkdir()
+    (sb.repo / "results" / "n2-gpu1.tsv").write_text("earlier night\n")
+    assert sb.spawn("launch", "n2", "a:1").returncode == 0
+    sb.report(1)
+    assert sb.spawn("stop", "n2").returncode == 0
+    assert (sb.repo / "results" / "n2-gpu1.tsv").read_text() == "earlier night\n"
+    assert "baseline gpu1" in (sb.repo / "results" / "n2-gpu1-2.tsv").read_text()
+
+
+def test_relaunch_refuses_and_changes_nothing(sb):
+    assert sb.spawn("launch", "n3", "a:0").returncode == 0
+    sb.report(0)
+
+    # While it runs: same tag on another GPU is refused (session exists).
+    r = sb.spawn("launch", "n3", "a:1")
+    assert r.returncode == 1 and "already exists" in r.stderr
+    assert sb.branches() == ["autoresearch/n3-gpu0"] and sb.worktrees() == ["gpu0"]
+
+    # After stop: the kept branch blocks the tag; nothing is created or moved.
+    assert sb.spawn("stop", "n3").returncode == 0
+    git(sb.repo, "commit", "-q", "--allow-empty", "-m", "later")
+    r = sb.spawn("launch", "n3", "a:0", "a:1")
+    assert r.returncode == 1
+    assert "autoresearch/n3-gpu0 exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert sb.branches() == ["autoresearch/n3-gpu0"]
+    assert git(sb.repo, "rev-parse", "autoresearch/n3-gpu0") == sb.head
+    assert sb.worktrees() == [] and not sb.has_session("n3")
+
+
+def test_unknown_agent_leaves_nothing(sb):
+    env = dict(AUTORESEARCH_AGENT_CMD="")
+    r = sb.spawn("launch", "n4", "claude:0", "gpt5:1", **env)
+    assert r.returncode == 1
+    assert "unknown agent 'gpt5'" in r.stderr
+    assert sb.branches() == [] and sb.worktrees() == [] and not sb.has_session("n4")
+
+
+def test_failure_mid_launch_rolls_back(sb):
+    # A post-checkout hook that fails for the second worktree makes
+    # `git worktree add` fail after the first worker is already up.
+    hook = sb.repo / ".git" / "hooks" / "post-checkout"
+    hook.write_text('#!/bin/sh\ncase "$PWD" in */gpu5) exit 1 ;; esac\n')
+    hook.chmod(0o755)
+    r = sb.spawn("launch", "n5", "a:4", "a:5")
+    assert r.returncode != 0
+    assert "removing what it made" in r.stdout
+    assert sb.branches() == [] and sb.worktrees() == [] and not sb.has_session("n5")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["launch", "n6", "a:0", "b:0"], "GPU 0 is given twice"),
+    (["launch", "n6", "a:0", "b:00"], "GPU 0 is given twice"),
+    (["launch", "n6", "claude0"], "bad worker 'claude0'"),
+    (["launch", "n6", "claude:x"], "bad worker 'claude:x'"),
+    (["launch", "n6"], "no workers given"),
+    (["launch", "bad tag", "a:0"], "invalid tag 'bad tag'"),
+    (["launch", "a..b", "a:0"], "invalid tag 'a..b'"),
+    (["launch", "-x", "a:0"], "invalid tag '-x'"),
+    (["stop"], "stop needs exactly one tag"),
+    (["frobnicate"], "unknown command 'frobnicate'"),
+])
+def test_bad_arguments_fail_cleanly(sb, args, message):
+    r = sb.spawn(*args)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert sb.branches() == [] and sb.worktrees() == []
+
+
+def test_missing_venv_is_only_a_warning(sb):
+    shutil.rmtree(sb.repo / ".venv")
+    r = sb.spawn("launch", "n7", "a:3")
+    assert r.returncode == 0, r.stderr
+    assert "warning: no .venv" in r.stderr
+    assert sb.report(3)[0] == "3"
+    assert not (sb.repo / "worktrees" / "gpu3" / ".venv").exists()
+
+
+def test_watcher_nudges_an_idle_pane(sb):
+    r = sb.spawn("launch", "n8", "a:0", WATCH_INTERVAL="1")
+    assert r.returncode == 0, r.stderr
+    pid = sb.watcher_pid("n8")
+    nudge = sb.out / "gpu0.nudge"
+    # The stand-in sits at `> `: unchanged after one interval, so the watcher types.
+    wait_for(nudge.exists, 15, "the idle pane was never nudged")
+    assert nudge.read_text().strip() == "keep going"
+    assert "nudging" in (sb.repo / "worktrees" / ".watcher-n8.log").read_text()
+    assert alive(pid)
+    assert sb.spawn("stop", "n8").returncode == 0
+    wait_for(lambda: not alive(pid), 5, "watcher survived stop")
+
+
+def test_pane_reports_when_the_agent_exits(sb, tmp_path):
+    quick = tmp_path / "quick.sh"
+    quick.write_text("exit 3\n")
+    assert sb.spawn("launch", "n9", "a:0", AUTORESEARCH_AGENT_CMD=f"bash {quick}").returncode == 0
+    screen = lambda: sb.tmux("capture-pane", "-p", "-t", "=autoresearch-n9:").stdout  # noqa: E731
+    wait_for(lambda: "agent exited with status 3" in screen(), 10, "no exit note in the pane")
+    # The pane stays open (a shell), and is marked so the watcher leaves it alone.
+    assert sb.tmux("list-panes", "-t", "=autoresearch-n9:", "-F", "#{@autoresearch_done}").stdout.strip() == "1"
+
+
+# =============================================================================
+# Environment errors
+# =============================================================================
+
+def test_not_inside_a_git_repo(tmp_path):
+    shutil.copy(SPAWN, tmp_path / "spawn.sh")
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path.parent))
+    r = subprocess.run(["bash", "spawn.sh", "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "not inside a git repository" in r.stderr
+
+
+def test_missing_tmux(tmp_path):
+    # A PATH with bash and git but no tmux.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "git"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    shutil.copy(SPAWN, tmp_path / "spawn.sh")
+    r = subprocess.run([str(bin_dir / "bash"), "spawn.sh", "status"], cwd=tmp_path,
+                       env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, capture_output=True, text=True)
+    assert r.returncode == 1 and "tmux not found" in r.stderr
+
+
+def test_help_shows_usage():
+    r = subprocess.run(["bash", str(SPAWN), "help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "bash spawn.sh launch <tag> <agent:gpu>" in r.stdout and "WATCH_INTERVAL" in r.stdout
