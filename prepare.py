@@ -1,0 +1,996 @@
+"""
+One-time data preparation and the runtime utilities every experiment shares.
+DO NOT MODIFY: this file and constants.py are the fixed harness. Agents edit
+train.py only; the data, the tokenizer and val_bpb must stay comparable.
+
+    uv run prepare.py                       # 10 training shards + the pinned val shard
+    uv run prepare.py --num-shards -1       # all 6,542 training shards
+    uv run prepare.py --source ~/my_corpus  # your own data, offline
+
+What it leaves under the cache root (~/.cache/autoresearch, or $AUTORESEARCH_CACHE):
+
+    data/shard_NNNNN.parquet      documents (column "text"); shard_06542 is validation
+    data/source.json              only for --source imports: where the data came from
+    tokenizer/tokenizer.pkl       pickled tiktoken.Encoding (BPE trained with rustbpe)
+    tokenizer/token_bytes.pt      int32 [vocab]: raw bytes per token, 0 for special tokens
+    tokenizer/manifest.json       written last: hashes, and the shards it was trained on
+    tokens/<tokenizer id>/        token cache: every cached shard tokenized once, and
+                                  the validation rows behind val_bpb
+    manifest.json                 written last: fingerprints of the prepared data
+
+A run killed at any moment leaves nothing a later run trusts: files are
+written to a temporary name and renamed, manifests are written last. A second
+run with nothing to do says so and changes nothing.
+
+Runtime API used by train.py: Tokenizer, get_token_bytes, make_dataloader,
+evaluate_bpb, data_fingerprint, CACHE_DIR, DATA_DIR, TOKENIZER_DIR.
+"""
+
+import argparse
+import bisect
+import glob
+import hashlib
+import itertools
+import json
+import math
+import os
+import pickle
+import queue
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from constants import EVAL_TOKENS, MAX_SEQ_LEN
+
+# =============================================================================
+# Constants this file owns
+# =============================================================================
+
+# Data: the Hugging Face dataset karpathy/climbmix-400b-shuffle.
+BASE_URL = os.environ.get(
+    "AUTORESEARCH_BASE_URL",
+    "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
+)
+MAX_SHARD = 6542                      # shards are shard_00000 ... shard_06542
+VAL_SHARD = MAX_SHARD                 # pinned validation shard, always fetched
+VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
+SHARD_RE = re.compile(r"shard_\d{5}\.parquet")
+DOWNLOAD_ATTEMPTS = 5                 # back-off between them: 2, 4, 8, 16 s
+BACKOFF_BASE = float(os.environ.get("AUTORESEARCH_BACKOFF", "2"))  # tests shrink it
+CHUNK_BYTES = 1 << 20                 # download streaming chunk
+CONNECT_TIMEOUT, READ_TIMEOUT = 5, 60 # seconds
+
+# Tokenizer.
+VOCAB_SIZE = 8192                     # learned merges + special tokens
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # ids after the merges
+BOS_TOKEN = SPECIAL_TOKENS[0]
+# GPT-4's split pattern, except numbers are grouped in runs of 1-2 digits (not 1-3).
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+TOKENIZER_DOC_CHARS = 10_000          # documents are capped at this many characters
+TOKENIZER_MAX_CHARS = 1_000_000_000   # and training stops after this many in total
+SANITY_TEXT = "Hello world! 12345 67 + 3.14 = ok\n\tdef f(x): return x**2  # 你好，世界 こんにちは 🙂🚀 café"
+
+# Dataloader (the published algorithm's numbers).
+BUFFER_DOCS = 1000                    # refill the buffer to this many documents
+DOC_BATCH = 128                       # documents per tokenization batch
+LOADER_POOL = 4                       # packed batches ready ahead of the consumer
+TOKEN_CACHE_SHARDS = 16               # training shards tokenized at prepare time (~1B
+                                      # ClimbMix tokens); later ones tokenize on the fly
+
+# Local import (--source) of .txt/.md/.jsonl documents.
+IMPORT_VAL_FRACTION = 0.1             # the last 10% of documents become validation
+IMPORT_SHARD_DOCS = 65536             # documents per written shard
+IMPORT_ROW_GROUP = 1024               # documents per parquet row group
+
+
+def set_cache_root(root):
+    """Point every path at a cache root (import reads $AUTORESEARCH_CACHE; tests call this)."""
+    global CACHE_DIR, DATA_DIR, TOKENIZER_DIR, TOKENS_DIR
+    CACHE_DIR = os.path.abspath(os.path.expanduser(root))
+    DATA_DIR = os.path.join(CACHE_DIR, "data")
+    TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
+    TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")
+
+
+set_cache_root(os.environ.get("AUTORESEARCH_CACHE") or "~/.cache/autoresearch")
+
+# =============================================================================
+# Errors and small file helpers
+# =============================================================================
+
+
+class PrepareError(SystemExit):
+    """A problem the user can fix. Uncaught, it prints its one-line message and
+    exits with code 1, no traceback: train.py gets the same clear message."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+
+
+RUN_PREPARE = "run `uv run prepare.py` (or `uv run prepare.py --source PATH` for local data)"
+
+
+def _write_atomic(path, write):
+    """write(f) into PATH.tmp, then rename: readers see the old file or the new one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _stamp(path):
+    """Cheap identity of a file: size and modification time."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _parquet_readable(path):
+    """A file counts as present only if its parquet footer reads."""
+    try:
+        pq.ParquetFile(path)
+        return True
+    except Exception:
+        return False
+
+
+def _open_parquet(path):
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:
+        raise PrepareError(f"corrupt parquet file {path} ({type(e).__name__}: {e})") from None
+
+
+def read_texts(pf, row_group):
+    """The documents of one row group, in order (nulls read as empty documents)."""
+    texts = pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    return [t if t is not None else "" for t in texts]
+
+
+def shard_path(index):
+    return os.path.join(DATA_DIR, f"shard_{index:05d}.parquet")
+
+
+def list_shards(split):
+    """Parquet files of a split: 'val' is the pinned shard, 'train' every other shard."""
+    assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
+    names = sorted(f for f in os.listdir(DATA_DIR) if SHARD_RE.fullmatch(f)) if os.path.isdir(DATA_DIR) else []
+    if not names:
+        raise PrepareError(f"no data in {DATA_DIR}: {RUN_PREPARE}")
+    if split == "val":
+        if VAL_FILENAME not in names:
+            raise PrepareError(f"validation shard {VAL_FILENAME} missing in {DATA_DIR}: {RUN_PREPARE}")
+        return [os.path.join(DATA_DIR, VAL_FILENAME)]
+    train = [os.path.join(DATA_DIR, n) for n in names if n != VAL_FILENAME]
+    if not train:
+        raise PrepareError(f"the training split is empty: {DATA_DIR} holds only the validation shard; {RUN_PREPARE}")
+    return train
+
+# =============================================================================
+# Data: download
+# =============================================================================
+
+
+def _is_offline(exc):
+    """True for errors that mean 'no network' (name resolution, refused, connect
+    timeout): retrying them with long back-offs only delays the message."""
+    import requests
+    import urllib3
+
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (requests.exceptions.ConnectTimeout, urllib3.exceptions.NewConnectionError,
+                          socket.gaierror, ConnectionRefusedError)):
+            return True
+        stack += [e.__cause__, e.__context__, getattr(e, "reason", None)]
+        stack += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+    return False
+
+
+def _download_shard(index, stop):
+    """Stream one shard to NAME.tmp in 1 MiB chunks, check its footer, rename.
+    Up to DOWNLOAD_ATTEMPTS attempts with exponential back-off. Returns bytes."""
+    import requests
+
+    path = shard_path(index)
+    name, tmp = os.path.basename(path), path + ".tmp"
+    url = f"{BASE_URL.rstrip('/')}/{name}"
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        if stop.is_set():
+            return 0
+        try:
+            with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as r:
+                r.raise_for_status()
+                expected = int(r.headers.get("Content-Length", -1))
+                nbytes = 0
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_content(CHUNK_BYTES):
+                        if stop.is_set():
+                            raise InterruptedError("stopped")
+                        f.write(chunk)
+                        nbytes += len(chunk)
+            if expected >= 0 and nbytes != expected:
+                raise IOError(f"truncated: {nbytes} of {expected} bytes")
+            if not _parquet_readable(tmp):
+                raise IOError("not a readable parquet file (truncated body?)")
+            os.replace(tmp, path)
+            return nbytes
+        except Exception as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if stop.is_set():
+                return 0
+            if _is_offline(e):
+                host = re.sub(r"^\w+://([^/]+).*$", r"\1", url)
+                raise PrepareError(
+                    f"cannot reach {host} ({type(e).__name__}); no network? "
+                    f"Import local data instead: uv run prepare.py --source PATH") from None
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status is not None and 400 <= status < 500 and status != 429:
+                raise PrepareError(f"cannot download {url}: HTTP {status}") from None
+            if attempt == DOWNLOAD_ATTEMPTS:
+                raise PrepareError(f"could not download {name} after {attempt} attempts: {e}") from None
+            delay = BACKOFF_BASE * 2 ** (attempt - 1)
+            print(f"  {name}: attempt {attempt} failed ({type(e).__name__}: {e}); retrying in {delay:g} s", flush=True)
+            stop.wait(delay)
+    return 0
+
+
+def download_data(num_shards, workers):
+    """Fetch training shards 0..num_shards-1 (-1: all) and the pinned val shard.
+    Shards whose footer reads are kept, so an interrupted run resumes."""
+    if workers < 1:
+        raise PrepareError(f"--download-workers must be at least 1, got {workers}")
+    if num_shards < -1:
+        raise PrepareError(f"--num-shards must be -1 (all) or >= 0, got {num_shards}")
+    n_train = MAX_SHARD if num_shards == -1 else min(num_shards, MAX_SHARD)
+    wanted = [VAL_SHARD] + list(range(n_train))
+    os.makedirs(DATA_DIR, exist_ok=True)
+    todo = [i for i in wanted if not _parquet_readable(shard_path(i))]
+    print(f"data: {len(wanted) - len(todo)} of {len(wanted)} shards present in {DATA_DIR}", flush=True)
+    if not todo:
+        return False
+    print(f"data: downloading {len(todo)} shards with {workers} workers from {BASE_URL}", flush=True)
+    stop = threading.Event()
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_download_shard, i, stop): i for i in todo}
+        try:
+            for done, fut in enumerate(as_completed(futures), 1):
+                nbytes = fut.result()
+                name = os.path.basename(shard_path(futures[fut]))
+                print(f"  [{done}/{len(todo)}] {name}  {nbytes / 1e6:.1f} MB  {time.time() - t0:.1f} s", flush=True)
+        except BaseException:
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise
+    return True
+
+# =============================================================================
+# Data: local import (--source)
+# =============================================================================
+
+
+def _source_files(source):
+    """A folder (walked recursively), a single file, or a glob; sorted by path."""
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        files = glob.glob(path, recursive=True)
+    return sorted(os.path.abspath(f) for f in files if os.path.isfile(f))
+
+
+def _existing_shards():
+    if not os.path.isdir(DATA_DIR):
+        return []
+    return sorted(f for f in os.listdir(DATA_DIR) if SHARD_RE.fullmatch(f))
+
+
+def _read_documents(files):
+    """Documents from .txt/.md (one per file) and .jsonl (one per line with a
+    "text" string). Undecodable files, bad lines and empty documents are skipped
+    and counted."""
+    docs, skipped = [], {"files that are not valid UTF-8": 0, "jsonl lines without a text string": 0,
+                         "empty documents": 0}
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except UnicodeDecodeError:
+            skipped["files that are not valid UTF-8"] += 1
+            continue
+        if path.endswith(".jsonl"):
+            for line in text.splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    doc = obj["text"]
+                    assert isinstance(doc, str)
+                except (ValueError, KeyError, TypeError, AssertionError):
+                    skipped["jsonl lines without a text string"] += 1
+                    continue
+                if doc:
+                    docs.append(doc)
+                else:
+                    skipped["empty documents"] += 1
+        elif text:
+            docs.append(text)
+        else:
+            skipped["empty documents"] += 1
+    return docs, skipped
+
+
+def _write_docs(path, docs):
+    table = pa.table({"text": pa.array(docs, type=pa.string())})
+    _write_atomic(path, lambda f: pq.write_table(table, f, row_group_size=IMPORT_ROW_GROUP))
+
+
+def import_source(source):
+    """Copy local data into DATA_DIR so the rest of the pipeline is identical.
+
+    Parquet files (column "text"): copied as they are (row groups kept); the
+    last in sorted order becomes the validation shard. .txt/.md/.jsonl: the
+    documents in sorted file order are written into parquet shards; the last
+    10% of them (at least one) become the validation shard."""
+    files = _source_files(source)
+    parquet = [f for f in files if f.endswith(".parquet")]
+    documents = [f for f in files if f.endswith((".txt", ".md", ".jsonl"))]
+    used = parquet or documents
+    if not used:
+        raise PrepareError(f"--source {source}: no usable files (.parquet, .txt, .md or .jsonl) found")
+    record = {"source": os.path.abspath(os.path.expanduser(source)),
+              "files": [[f] + _stamp(f) for f in used]}
+    state = _read_json(os.path.join(DATA_DIR, "source.json"))
+    existing = _existing_shards()
+    if existing and state is None:
+        raise PrepareError(f"{DATA_DIR} holds downloaded shards; to import --source {source}, "
+                           f"use another cache root (AUTORESEARCH_CACHE=DIR) or remove {DATA_DIR}")
+    if state is not None and {k: state.get(k) for k in record} == record and all(
+            _parquet_readable(os.path.join(DATA_DIR, n)) for n in state.get("shards", [])):
+        print(f"data: already imported from {source} ({len(state['shards'])} shards)", flush=True)
+        return False
+
+    if parquet:
+        ignored = len(files) - len(parquet)
+        for f in parquet:
+            pf = _open_parquet(f)
+            field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
+            if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+                raise PrepareError(f"{f} has no string column 'text'")
+        if len(parquet) < 2:
+            raise PrepareError(f"--source {source}: one parquet file only; the last file is the validation "
+                               f"split, so the training split would be empty (add training files)")
+        if len(parquet) - 1 > MAX_SHARD:
+            raise PrepareError(f"--source {source}: at most {MAX_SHARD} training files")
+        plan = [(f, f"shard_{i:05d}.parquet") for i, f in enumerate(parquet[:-1])] + [(parquet[-1], VAL_FILENAME)]
+        note = f" ({ignored} other files ignored)" if ignored else ""
+        print(f"data: importing {len(parquet)} parquet files from {source}{note}; validation: {parquet[-1]}", flush=True)
+    else:
+        docs, skipped = _read_documents(documents)
+        counts = ", ".join(f"{n} {what}" for what, n in skipped.items() if n)
+        if counts:
+            print(f"data: skipped {counts}", flush=True)
+        if len(docs) < 2:
+            raise PrepareError(f"--source {source}: {len(docs)} usable documents, need at least 2 "
+                               f"(one for training, one for validation){'; skipped ' + counts if counts else ''}")
+        n_val = min(len(docs) - 1, max(1, round(len(docs) * IMPORT_VAL_FRACTION)))
+        train_docs, val_docs = docs[:-n_val], docs[-n_val:]
+        groups = [train_docs[i:i + IMPORT_SHARD_DOCS] for i in range(0, len(train_docs), IMPORT_SHARD_DOCS)]
+        plan = [(g, f"shard_{i:05d}.parquet") for i, g in enumerate(groups)] + [(val_docs, VAL_FILENAME)]
+        print(f"data: importing {len(docs)} documents from {len(documents)} files in {source}; "
+              f"validation: the last {n_val}", flush=True)
+
+    os.makedirs(DATA_DIR, exist_ok=True)
+    if os.path.exists(os.path.join(DATA_DIR, "source.json")):
+        os.remove(os.path.join(DATA_DIR, "source.json"))
+    for name in existing:  # a previous import: ours to replace
+        os.remove(os.path.join(DATA_DIR, name))
+    for what, name in plan:
+        dst = os.path.join(DATA_DIR, name)
+        if isinstance(what, str):
+            shutil.copyfile(what, dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+        else:
+            _write_docs(dst, what)
+        print(f"  {name}  {os.path.getsize(dst) / 1e6:.1f} MB", flush=True)
+    record["shards"] = [name for _, name in plan]
+    _write_json(os.path.join(DATA_DIR, "source.json"), record)
+    return True
+
+# =============================================================================
+# Tokenizer
+# =============================================================================
+
+
+class Tokenizer:
+    """Thin wrapper around a tiktoken.Encoding trained by prepare.py."""
+
+    def __init__(self, enc, tokenizer_id=None):
+        self.enc = enc
+        self.id = tokenizer_id  # keys the token cache; None: no cache
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=None):
+        tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
+        manifest = _read_json(os.path.join(tokenizer_dir, "manifest.json"))
+        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+        if manifest is None or not os.path.exists(path):
+            raise PrepareError(f"no tokenizer in {tokenizer_dir}: {RUN_PREPARE}")
+        with open(path, "rb") as f:
+            blob = f.read()
+        tokenizer_id = hashlib.sha256(blob).hexdigest()[:16]
+        if tokenizer_id != manifest.get("id"):
+            raise PrepareError(f"tokenizer in {tokenizer_dir} does not match its manifest: {RUN_PREPARE}")
+        return cls(pickle.loads(blob), tokenizer_id)
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """str -> list of ids; list of str -> list of lists (encoded in threads).
+        prepend: a token id or a special-token string placed first."""
+        if prepend is not None:
+            prepend_id = prepend if isinstance(prepend, int) else self.enc.encode_single_token(prepend)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            if prepend is not None:
+                ids.insert(0, prepend_id)
+        elif isinstance(text, list):
+            ids = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            if prepend is not None:
+                for row in ids:
+                    row.insert(0, prepend_id)
+        else:
+            raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
+        return ids
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def get_token_bytes(device="cpu"):
+    """int32 [vocab]: raw bytes each token stands for (0 for special tokens)."""
+    path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
+    if not os.path.exists(path) or not os.path.exists(os.path.join(TOKENIZER_DIR, "manifest.json")):
+        raise PrepareError(f"no token_bytes.pt in {TOKENIZER_DIR}: {RUN_PREPARE}")
+    return torch.load(path, map_location="cpu", weights_only=True).to(device)
+
+
+def _training_texts(paths, stats):
+    """Training documents for the tokenizer: capped at TOKENIZER_DOC_CHARS each,
+    TOKENIZER_MAX_CHARS in all. Records in stats the [name, size] of every shard
+    it reads, the characters and whether the total cap cut it short."""
+    for path in paths:
+        pf = _open_parquet(path)
+        stats["trained_on"].append([os.path.basename(path), os.path.getsize(path)])
+        for rg in range(pf.num_row_groups):
+            for text in read_texts(pf, rg):
+                doc = text[:TOKENIZER_DOC_CHARS]
+                stats["chars"] += len(doc)
+                yield doc
+                if stats["chars"] >= TOKENIZER_MAX_CHARS:
+                    stats["capped"] = True
+                    return
+
+
+def _tokenizer_input_changed(manifest, train_paths):
+    """Compare the shards the tokenizer read with the training shards now present.
+    Returns a description of the change, or None."""
+    now = [[os.path.basename(p), os.path.getsize(p)] for p in train_paths]
+    before = manifest["trained_on"]
+    # Capped: only the shards it read matter; else every training shard.
+    if (now[:len(before)] if manifest["capped"] else now) == before:
+        return None
+    return f"trained on {len(before)} shards ({before[0][0]} ... {before[-1][0]}), now {len(now)} training shards differ"
+
+
+def _tokenizer_state():
+    """The tokenizer manifest, if the files it vouches for are there and match."""
+    manifest = _read_json(os.path.join(TOKENIZER_DIR, "manifest.json"))
+    if manifest is None:
+        return None
+    try:
+        pkl_ok = _sha256(os.path.join(TOKENIZER_DIR, "tokenizer.pkl"))[:16] == manifest["id"]
+        tb_ok = _sha256(os.path.join(TOKENIZER_DIR, "token_bytes.pt"))[:16] == manifest["token_bytes"]
+    except (OSError, KeyError):
+        return None
+    return manifest if pkl_ok and tb_ok else None
+
+
+def train_tokenizer(train_paths):
+    """BPE with rustbpe on the training shards; saved as a pickled tiktoken.Encoding."""
+    import rustbpe
+    import tiktoken
+
+    os.makedirs(TOKENIZER_DIR, exist_ok=True)
+    manifest_path = os.path.join(TOKENIZER_DIR, "manifest.json")
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)  # from here on, no half-written state is trusted
+    t0 = time.time()
+    stats = {"trained_on": [], "chars": 0, "capped": False}
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(_training_texts(train_paths, stats), VOCAB_SIZE - len(SPECIAL_TOKENS),
+                            pattern=SPLIT_PATTERN)
+    ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
+    # A tiny corpus may not fill the vocabulary: keep what was learned.
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding(name="autoresearch", pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
+                            special_tokens=specials)
+    assert enc.n_vocab <= 1 << 16, "token cache stores uint16 ids"
+    if enc.decode(enc.encode_ordinary(SANITY_TEXT)) != SANITY_TEXT:
+        raise PrepareError("tokenizer round trip failed on the sanity text")
+    # Raw bytes per token (decode_single_token_bytes): a token that is part of a
+    # multi-byte character counts its own bytes, not the 3 bytes of U+FFFD.
+    token_bytes = torch.tensor([0 if i in specials.values() else len(enc.decode_single_token_bytes(i))
+                                for i in range(enc.n_vocab)], dtype=torch.int32)
+    pkl_path = os.path.join(TOKENIZER_DIR, "tokenizer.pkl")
+    tb_path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
+    _write_atomic(pkl_path, lambda f: pickle.dump(enc, f))
+    _write_atomic(tb_path, lambda f: torch.save(token_bytes, f))
+    manifest = {"id": _sha256(pkl_path)[:16], "token_bytes": _sha256(tb_path)[:16], "vocab_size": enc.n_vocab,
+                **stats, "seconds": round(time.time() - t0, 1)}
+    _write_json(manifest_path, manifest)
+    print(f"tokenizer: vocab {enc.n_vocab} ({len(ranks)} merges+bytes, {len(specials)} special) trained on "
+          f"{stats['chars'] / 1e6:.1f} M chars of {len(stats['trained_on'])} shards in {time.time() - t0:.1f} s", flush=True)
+    return manifest
+
+# =============================================================================
+# Token cache: every cached shard tokenized once, at prepare time
+# =============================================================================
+# Per shard, under tokens/<tokenizer id>/ (the id is a hash of tokenizer.pkl, so a
+# new tokenizer never reads old tokens):
+#   NAME.tokens.npy   uint16, all documents back to back, each with BOS in front
+#   NAME.offsets.npy  int64 [docs + 1], where each document starts
+#   NAME.json         written last: the shard's size and mtime, docs per row group
+# The row-group counts let the loader rebuild the published 128-document
+# batches (which restart at every row group) exactly.
+
+
+def _cache_base(tokenizer_id, path):
+    return os.path.join(TOKENS_DIR, tokenizer_id, os.path.basename(path)[:-len(".parquet")])
+
+
+def _encode_arrays(tokenizer, texts, pool):
+    """Encode documents in threads (tiktoken releases the GIL) into uint32 arrays.
+    encode_to_numpy with no special tokens allowed or disallowed is ordinary
+    encoding (tests pin it to Tokenizer.encode), minus the Python lists."""
+    enc = tokenizer.enc
+
+    def work(chunk):
+        return [enc.encode_to_numpy(t, disallowed_special=()) for t in chunk]
+
+    step = max(1, -(-len(texts) // (4 * pool._max_workers)))
+    chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
+    return list(itertools.chain.from_iterable(pool.map(work, chunks)))
+
+
+def _pack_documents(arrays, bos):
+    """[ids, ...] -> (uint16 tokens with BOS before each document, int64 offsets)."""
+    lengths = np.fromiter((len(a) + 1 for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.empty(offsets[-1], dtype=np.uint16)
+    is_bos = np.zeros(offsets[-1], dtype=bool)
+    is_bos[offsets[:-1]] = True
+    tokens[is_bos] = bos
+    if arrays:
+        tokens[~is_bos] = np.concatenate(arrays)
+    return tokens, offsets
+
+
+def build_token_cache(tokenizer, path, pool):
+    """Tokenize one shard into the cache. Returns the number of tokens."""
+    pf = _open_parquet(path)
+    parts, counts = [], []
+    for rg in range(pf.num_row_groups):
+        texts = read_texts(pf, rg)
+        parts.append(_pack_documents(_encode_arrays(tokenizer, texts, pool), tokenizer.get_bos_token_id()))
+        counts.append(len(texts))
+    tokens = np.concatenate([t for t, _ in parts]) if parts else np.empty(0, np.uint16)
+    starts = np.cumsum([0] + [len(t) for t, _ in parts])
+    offsets = np.concatenate([[0]] + [o[1:] + s for (_, o), s in zip(parts, starts)]).astype(np.int64)
+    base = _cache_base(tokenizer.id, path)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    _write_atomic(base + ".tokens.npy", lambda f: np.save(f, tokens))
+    _write_atomic(base + ".offsets.npy", lambda f: np.save(f, offsets))
+    _write_json(base + ".json", {"shard": _stamp(path), "row_groups": counts, "tokens": int(len(tokens))})
+    return len(tokens)
+
+
+def load_token_cache(tokenizer, path):
+    """(tokens memmap, offsets, docs per row group) of a cached shard, or None
+    when it is missing or stale (the shard changed since)."""
+    if tokenizer.id is None:
+        return None
+    base = _cache_base(tokenizer.id, path)
+    meta = _read_json(base + ".json")
+    try:
+        if meta is None or meta["shard"] != _stamp(path):
+            return None
+        tokens = np.load(base + ".tokens.npy", mmap_mode="r")
+        offsets = np.load(base + ".offsets.npy")
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(offsets) != sum(meta["row_groups"]) + 1 or offsets[-1] != len(tokens):
+        return None
+    return tokens, offsets, meta["row_groups"]
+
+
+def cached_shards(train_paths):
+    """The shards prepare tokenizes ahead of time: the first training shards and val."""
+    return train_paths[:TOKEN_CACHE_SHARDS] + list_shards("val")
+
+
+def ensure_token_cache(tokenizer, paths):
+    """Tokenize the shards not cached yet; drop caches of other tokenizers."""
+    if os.path.isdir(TOKENS_DIR):
+        for name in os.listdir(TOKENS_DIR):
+            if name != tokenizer.id:
+                shutil.rmtree(os.path.join(TOKENS_DIR, name), ignore_errors=True)
+    todo = [p for p in paths if load_token_cache(tokenizer, p) is None]
+    print(f"tokens: {len(paths) - len(todo)} of {len(paths)} shards cached in {TOKENS_DIR}", flush=True)
+    if not todo:
+        return False
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for path in todo:
+            t0 = time.time()
+            n = build_token_cache(tokenizer, path, pool)
+            dt = time.time() - t0
+            print(f"  {os.path.basename(path)}  {n / 1e6:.1f} M tokens  {dt:.1f} s ({n / 1e6 / max(dt, 1e-9):.1f} M tok/s)",
+                  flush=True)
+    return True
+
+# =============================================================================
+# Dataloader: best-fit packing, same rows as the published algorithm
+# =============================================================================
+
+
+def _document_batches(tokenizer, paths, split):
+    """(tokens, offsets, epoch) for every batch of DOC_BATCH documents, in the
+    published order: shard -> row group -> 128-document batch, forever. A batch
+    is the documents tokens[offsets[j]:offsets[j+1]], each starting with BOS.
+    Cached shards are read from the token cache, others tokenized on the fly."""
+    bos = tokenizer.get_bos_token_id()
+    epoch = 1
+    while True:
+        n_docs = 0
+        for path in paths:
+            cached = load_token_cache(tokenizer, path)
+            if cached is not None:
+                tokens, offsets, row_groups = cached
+                first = 0
+                for count in row_groups:
+                    for a in range(first, first + count, DOC_BATCH):
+                        b = min(a + DOC_BATCH, first + count)
+                        yield tokens, offsets[a:b + 1], epoch
+                    first += count
+                n_docs += first
+                continue
+            pf = _open_parquet(path)
+            for rg in range(pf.num_row_groups):
+                texts = read_texts(pf, rg)
+                for a in range(0, len(texts), DOC_BATCH):
+                    ids = tokenizer.encode(texts[a:a + DOC_BATCH], prepend=bos)
+                    lengths = [len(x) for x in ids]
+                    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16, count=sum(lengths))
+                    yield tokens, np.cumsum([0] + lengths), epoch
+                n_docs += len(texts)
+        if n_docs == 0:
+            raise PrepareError(f"the {split} split has no documents ({len(paths)} shards, all empty)")
+        epoch += 1
+
+
+class BestFitPacker:
+    """Best-fit packing (the published loader's algorithm), in O(log n) per step.
+
+    Rows of T+1 tokens are filled left to right. Before each placement the
+    buffer is refilled (whole 128-document batches) to at least BUFFER_DOCS
+    documents. Then the largest document that fits in the remaining space is
+    placed whole; if none fits, the shortest is cropped to fill the row exactly
+    (the rest of it is dropped). Ties go to the document that entered the
+    buffer first. The published loader scans a list for this; here the buffer
+    is a sorted list of (length, arrival) keys searched with bisect, and tokens
+    are copied as numpy slices, which gives the same rows far faster."""
+
+    def __init__(self, batches):
+        self.batches = batches  # iterator of (tokens, offsets, epoch)
+        self.keys = []          # sorted (length, arrival)
+        self.docs = {}          # arrival -> (tokens, start)
+        self.arrivals = 0
+        self.epoch = 1
+
+    def _refill(self):
+        tokens, offsets, self.epoch = next(self.batches)
+        offsets = offsets.tolist()
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            bisect.insort(self.keys, (end - start, self.arrivals))
+            self.docs[self.arrivals] = (tokens, start)
+            self.arrivals += 1
+
+    def _select(self, remaining):
+        """Index in self.keys of the document to place, and how many tokens to take."""
+        keys = self.keys
+        i = bisect.bisect_right(keys, (remaining, math.inf)) - 1
+        if i >= 0:  # largest that fits; the earliest arrival among equal lengths
+            length = keys[i][0]
+            return bisect.bisect_left(keys, (length, -1)), length
+        return 0, remaining  # none fits: the shortest (earliest first), cropped
+
+    def fill(self, rows):
+        """Fill rows (R, T+1) in place; returns the epoch of the last batch fetched."""
+        capacity = rows.shape[1]
+        for row in rows:
+            pos = 0
+            while pos < capacity:
+                while len(self.keys) < BUFFER_DOCS:
+                    self._refill()
+                i, take = self._select(capacity - pos)
+                _, arrival = self.keys.pop(i)
+                tokens, start = self.docs.pop(arrival)
+                row[pos:pos + take] = tokens[start:start + take]
+                pos += take
+        return self.epoch
+
+
+def _default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_dataloader(tokenizer, B, T, split, device=None):
+    """Infinite iterator of (inputs, targets, epoch): B x T int64 on device
+    (default CUDA when present, else CPU); inputs = row[:-1], targets = row[1:].
+
+    A background thread packs rows into a small pool of host buffers (pinned on
+    CUDA) while the model runs. Every yielded tensor is freshly allocated, so a
+    caller may keep a batch across next(); a pinned buffer is reused only after
+    the CUDA event recorded behind its copy has completed."""
+    assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
+    assert B >= 1 and T >= 1, f"B and T must be positive, got B={B}, T={T}"
+    paths = list_shards(split)  # fails here, clearly, when nothing is prepared
+    device = torch.device(device) if device is not None else _default_device()
+    packer = BestFitPacker(_document_batches(tokenizer, paths, split))
+    return _prefetch(packer, B, T, device)
+
+
+def _prefetch(packer, B, T, device):
+    cuda = device.type == "cuda"
+    buffers = [torch.empty((B, T + 1), dtype=torch.int32, pin_memory=cuda) for _ in range(LOADER_POOL)]
+    free, ready = queue.Queue(), queue.Queue()
+    for i in range(LOADER_POOL):
+        free.put((i, None))
+    stop = threading.Event()
+
+    def worker():
+        try:
+            while not stop.is_set():
+                try:
+                    i, event = free.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if event is not None:
+                    event.synchronize()  # the copy out of this buffer has finished
+                ready.put((i, packer.fill(buffers[i].numpy())))
+        except BaseException as e:  # handed to the consumer, raised there
+            ready.put((None, e))
+
+    threading.Thread(target=worker, name="dataloader", daemon=True).start()
+    try:
+        while True:
+            i, epoch = ready.get()
+            if i is None:
+                raise epoch
+            row = buffers[i].to(device, non_blocking=True)  # (B, T+1); CPU: the buffer itself
+            inputs = row[:, :-1].to(torch.int64, memory_format=torch.contiguous_format)
+            targets = row[:, 1:].to(torch.int64, memory_format=torch.contiguous_format)
+            event = None
+            if cuda:
+                event = torch.cuda.Event()
+                event.record()
+            free.put((i, event))
+            yield inputs, targets, epoch
+    finally:
+        stop.set()
+
+# =============================================================================
+# Evaluation: the metric (DO NOT MODIFY)
+# =============================================================================
+# val_bpb is computed on the first EVAL_TOKENS // MAX_SEQ_LEN rows the validation
+# loader produces at T = MAX_SEQ_LEN, whatever the batch size. prepare.py stores
+# those rows (tokens/<id>/val_rows_T{T}_N{N}.npy); when missing they are packed
+# on the fly: same rows, same number.
+
+
+def _val_rows_path(tokenizer, T, N):
+    return os.path.join(TOKENS_DIR, tokenizer.id or "none", f"val_rows_T{T}_N{N}.npy")
+
+
+def build_val_rows(tokenizer, T, N):
+    """The first N rows (N, T+1) of the validation loader, packed directly."""
+    rows = np.empty((N, T + 1), dtype=np.uint16)
+    BestFitPacker(_document_batches(tokenizer, list_shards("val"), "val")).fill(rows)
+    return rows
+
+
+def val_rows(tokenizer, T, N, save=True):
+    """Validation rows from the cache when it matches the tokenizer, the val shard
+    and (T, N); else packed now (and cached when save)."""
+    path = _val_rows_path(tokenizer, T, N)
+    meta_path = path[:-len(".npy")] + ".json"
+    val_stamp = _stamp(list_shards("val")[0])
+    meta = _read_json(meta_path)
+    if meta is not None and meta.get("val") == val_stamp and tokenizer.id is not None:
+        try:
+            rows = np.load(path, mmap_mode="r")
+            if rows.shape == (N, T + 1):
+                return rows
+        except (OSError, ValueError):
+            pass
+    rows = build_val_rows(tokenizer, T, N)
+    if save and tokenizer.id is not None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _write_atomic(path, lambda f: np.save(f, rows))
+            _write_json(meta_path, {"val": val_stamp, "T": T, "N": N})
+        except OSError:
+            pass  # a read-only cache only costs the packing next time
+    return rows
+
+
+@torch.no_grad()
+def evaluate_bpb(model, tokenizer, batch_size):
+    """Bits per byte on the validation rows: the summed loss (nats) over target
+    tokens that stand for at least one byte, over ln 2 times their bytes.
+    Vocabulary-independent; special tokens (0 bytes) are left out of both sums."""
+    device = next(model.parameters()).device
+    T, N = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
+    token_bytes = get_token_bytes(device)
+    rows = torch.from_numpy(np.asarray(val_rows(tokenizer, T, N), dtype=np.int32)).to(device)  # (N, T+1)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, N, batch_size):
+        batch = rows[start:start + batch_size].long()
+        x, y = batch[:, :-1], batch[:, 1:]
+        loss = model(x, y, reduction="none").reshape(-1)
+        nbytes = token_bytes[y.reshape(-1)]
+        total_nats += (loss.float() * (nbytes > 0)).sum(dtype=torch.float64)
+        total_bytes += nbytes.sum()
+    return total_nats.item() / (math.log(2) * total_bytes.item())
+
+# =============================================================================
+# Fingerprints (train.py prints them: the run's identity)
+# =============================================================================
+
+
+def data_fingerprint():
+    """Short hashes of what val_bpb depends on: the validation shard's content
+    and the tokenizer. Read from the manifest prepare writes; no rehashing of
+    large files unless the val shard changed since."""
+    manifest = _read_json(os.path.join(CACHE_DIR, "manifest.json")) or {}
+    tok = _read_json(os.path.join(TOKENIZER_DIR, "manifest.json")) or {}
+    val_path = os.path.join(DATA_DIR, VAL_FILENAME)
+    val = manifest.get("val", {})
+    if not os.path.exists(val_path):
+        val_id = "missing"
+    elif val.get("stamp") == _stamp(val_path):
+        val_id = val["sha256"][:12]
+    else:
+        val_id = _sha256(val_path)[:12]
+    n_train = len([n for n in _existing_shards() if n != VAL_FILENAME])
+    return {"val": val_id, "tokenizer": tok.get("id", "missing")[:12], "train_shards": n_train}
+
+# =============================================================================
+# prepare: data -> tokenizer -> token cache -> validation rows
+# =============================================================================
+
+
+def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=False):
+    """The whole one-time preparation; returns True when anything changed."""
+    t0 = time.time()
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    imported = _read_json(os.path.join(DATA_DIR, "source.json"))
+    if source is not None:
+        changed = import_source(source)
+    elif imported is not None:
+        print(f"data: using the data imported from {imported['source']} "
+              f"(re-import with --source; remove {DATA_DIR} to download instead)", flush=True)
+        changed = False
+    else:
+        changed = download_data(num_shards, download_workers)
+    train_paths, val_path = list_shards("train"), list_shards("val")[0]
+    for path in train_paths + [val_path]:
+        _open_parquet(path)  # a corrupt file is named here, not deep in training
+
+    manifest = _tokenizer_state()
+    if manifest is None or retrain_tokenizer:
+        manifest = train_tokenizer(train_paths)
+        changed = True
+    else:
+        difference = _tokenizer_input_changed(manifest, train_paths)
+        if difference:
+            print(f"tokenizer: {difference}; keeping it so results stay comparable "
+                  f"(retrain: uv run prepare.py --retrain-tokenizer)", flush=True)
+        else:
+            print(f"tokenizer: up to date ({manifest['id']}, vocab {manifest['vocab_size']})", flush=True)
+    tokenizer = Tokenizer.from_directory()
+
+    changed |= ensure_token_cache(tokenizer, cached_shards(train_paths))
+    T, N = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
+    if not os.path.exists(_val_rows_path(tokenizer, T, N)) or changed:
+        val_rows(tokenizer, T, N)
+        changed = True
+    print(f"val rows: {N} rows of {T + 1} tokens cached", flush=True)
+
+    old = _read_json(os.path.join(CACHE_DIR, "manifest.json")) or {}
+    stamp = _stamp(val_path)
+    if old.get("val", {}).get("stamp") == stamp:
+        val = old["val"]
+    else:
+        val = {"name": VAL_FILENAME, "stamp": stamp, "sha256": _sha256(val_path)}
+    record = {"val": val, "tokenizer": tokenizer.id, "train_shards": [os.path.basename(p) for p in train_paths]}
+    if record != old:
+        _write_json(os.path.join(CACHE_DIR, "manifest.json"), record)
+    fp = data_fingerprint()
+    if changed:
+        print(f"prepare: done in {time.time() - t0:.1f} s  (val {fp['val']}, tokenizer {fp['tokenizer']}, "
+              f"{fp['train_shards']} training shards) in {CACHE_DIR}", flush=True)
+    else:
+        print(f"prepare: nothing to do, everything is up to date in {CACHE_DIR}", flush=True)
+    return changed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Download (or import) data, train the tokenizer, cache tokens.")
+    parser.add_argument("--num-shards", type=int, default=10, help="training shards to download (-1: all 6542)")
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
+    parser.add_argument("--source", metavar="PATH", default=None,
+                        help="import local data instead: a folder or glob of .parquet (column 'text'; the last "
+                             "file is validation), .txt/.md (one document each) or .jsonl ('text' per line)")
+    parser.add_argument("--retrain-tokenizer", action="store_true",
+                        help="train the tokenizer again even though one exists")
+    args = parser.parse_args(argv)
+    prepare(args.num_shards, args.download_workers, args.source, args.retrain_tokenizer)
+
+
+if __name__ == "__main__":
+    main()
