@@ -246,7 +246,12 @@ cmd_launch() {
         MADE_BRANCHES+=("$branch")  # before: a failed add may leave either behind
         MADE_WORKTREES+=("$wt")
         git -C "$ROOT" worktree add --quiet -b "$branch" "$wt" "$head"
-        [[ -d "$ROOT/.venv" ]] && ln -sfn "$ROOT/.venv" "$wt/.venv"
+        if [[ -d "$ROOT/.venv" ]]; then
+            ln -sfn "$ROOT/.venv" "$wt/.venv"
+            # '.venv/' in .gitignore matches a directory, not this link.
+            git -C "$wt" check-ignore -q .venv \
+                || warn "the .venv link in worktrees/gpu$gpu is not git-ignored: add '.venv' (no slash) to .gitignore"
+        fi
 
         # The pane runs bash directly (no default-shell): the agent, then a
         # note that it ended, then a shell left open in the worktree.
