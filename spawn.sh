@@ -16,7 +16,7 @@
 #   bash spawn.sh stop mar5                   # results land in results/mar5-gpu<N>.tsv
 #   uv run analysis.py results/mar5-gpu*.tsv --plot progress.png
 #
-# launch, per <agent:gpu> worker:
+# launch, per <agent:gpu> worker (<gpu>: the index nvidia-smi shows):
 #   - a fresh branch autoresearch/<tag>-gpu<N> from the commit you launch from
 #     (refused, changing nothing, if any such branch already exists);
 #   - a git worktree worktrees/gpu<N> with the repo's .venv linked in;
@@ -157,11 +157,12 @@ watcher_pid() {
     else
         args=$(ps -o args= -p "$pid" 2>/dev/null) || true
     fi
-    [[ "$args" == *spawn.sh*" _watch $1 " ]] || return 1
+    args=${args%" "}
+    [[ "$args" == *spawn.sh*" _watch $1" ]] || return 1
     printf '%s' "$pid"
 }
 
-# Branch name <-> worktree path, for this repo's research worktrees.
+# The path of the worktree that has <branch> checked out.
 worktree_of_branch() {
     local branch=$1 line path=""
     while IFS= read -r line; do
@@ -232,6 +233,13 @@ cmd_launch() {
         warn "uncommitted changes are not part of the workers' starting point ($(git rev-parse --short HEAD))"
     fi
     git cat-file -e "$head:program.md" 2>/dev/null || warn "program.md is not in commit $head: the agents' prompt points at it"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        local ngpu
+        ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+        for gpu in "${gpus[@]}"; do
+            [[ "$gpu" -lt "$ngpu" ]] || warn "GPU $gpu: nvidia-smi lists $ngpu GPU(s) (indices are nvidia-smi's)"
+        done
+    fi
     [[ -d "$ROOT/.venv" ]] || warn "no .venv in $ROOT (run 'uv sync' there): workers' 'uv run' will build their own"
 
     trap rollback EXIT
@@ -293,7 +301,7 @@ cmd_launch() {
 # =============================================================================
 
 # True when one of the last IDLE_LINES non-empty lines of the screen looks like
-# an agent's empty input prompt.
+# an agent's input prompt (the box at the bottom of Claude Code or Codex).
 looks_idle() {
     local screen=$1 lines=() line n=0 i
     mapfile -t lines <<< "$screen"
@@ -383,7 +391,8 @@ cmd_stop() {
         if [[ -n "$(git -C "$wt" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
             warn "uncommitted changes in $wt are discarded (committed work stays on $branch)"
         fi
-        git -C "$ROOT" worktree remove --force "$wt"
+        # A folder already deleted by hand is left to the prune below.
+        [[ -d "$wt" ]] && git -C "$ROOT" worktree remove --force "$wt"
         log "worktree ${wt#"$ROOT"/} removed, branch $branch kept"
         did=1
     done < <(git -C "$ROOT" for-each-ref --format='%(refname:short)' "refs/heads/autoresearch/$tag-gpu*")

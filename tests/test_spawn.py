@@ -230,6 +230,30 @@ def test_relaunch_refuses_and_changes_nothing(sb):
     assert sb.worktrees() == [] and not sb.has_session("n3")
 
 
+def test_agent_command_lines(sb, tmp_path):
+    # Fake claude/codex CLIs on PATH record how each pane started them.
+    fake_bin = tmp_path / "fakebin"
+    fake_bin.mkdir()
+    for name in ("claude", "codex"):
+        tool = fake_bin / name
+        tool.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" {name} "$@" > "{sb.out}/argv$CUDA_VISIBLE_DEVICES"\nsleep 600\n')
+        tool.chmod(0o755)
+    r = sb.spawn("launch", "n10", "claude:0", "opus:1", "codex:2", AUTORESEARCH_AGENT_CMD="",
+                 CLAUDE_MODEL="haiku", PATH=f"{fake_bin}:{os.environ['PATH']}")
+    assert r.returncode == 0, r.stderr
+    prompt = "Read program.md and follow the instructions."
+    expected = {
+        0: ["claude", "--dangerously-skip-permissions", "--model", "haiku", prompt],
+        1: ["claude", "--dangerously-skip-permissions", "--model", "opus", prompt],
+        2: ["codex", "--dangerously-bypass-approvals-and-sandbox", prompt],
+    }
+    for gpu, argv in expected.items():
+        path = sb.out / f"argv{gpu}"
+        wait_for(path.exists, 10, f"fake agent on gpu{gpu} never started")
+        wait_for(lambda: path.read_text().endswith(prompt + "\n"), 5, "argv file incomplete")
+        assert path.read_text().splitlines() == argv
+
+
 def test_unknown_agent_leaves_nothing(sb):
     env = dict(AUTORESEARCH_AGENT_CMD="")
     r = sb.spawn("launch", "n4", "claude:0", "gpt5:1", **env)
