@@ -890,7 +890,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, N, batch_size):
         batch = rows[start:start + batch_size].long()
-        x, y = batch[:, :-1], batch[:, 1:]
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (b, T) each; models may .view()
         loss = model(x, y, reduction="none").reshape(-1)
         nbytes = token_bytes[y.reshape(-1)]
         total_nats += (loss.float() * (nbytes > 0)).sum(dtype=torch.float64)

@@ -105,7 +105,8 @@ def corpus_documents(n, seed):
 
 
 def write_parquet(path, docs, row_group_size):
-    pq.write_table(pa.table({"text": pa.array(docs, type=pa.string())}), str(path), row_group_size=row_group_size)
+    where = path if hasattr(path, "write") else str(path)
+    pq.write_table(pa.table({"text": pa.array(docs, type=pa.string())}), where, row_group_size=row_group_size)
 
 
 def make_parquet_corpus(folder, n_train_files=3, docs_per_file=400, val_docs=300):
