@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, SMOKE, TIME_BUDGET
-from prepare import Tokenizer, evaluate_bpb, make_dataloader
+from prepare import Tokenizer, data_fingerprint, evaluate_bpb, make_dataloader
 
 # =============================================================================
 # Attention: one backend decision, one function
@@ -47,7 +47,7 @@ from prepare import Tokenizer, evaluate_bpb, make_dataloader
 _backend = None      # "fa3" | "flex" | "sdpa", set by select_attention()
 _fa3 = None          # the flash_attn_interface module when the backend is fa3
 _flex = None         # flex_attention, compiled on CUDA
-_block_masks = {}    # (T, left window, device) -> BlockMask, built outside torch.compile
+_block_masks = {}    # (T, left window, device type) -> BlockMask, built outside torch.compile
 
 
 def _hub_reachable(timeout=3.0):
@@ -122,7 +122,7 @@ def build_attention_masks(seq_len, window_sizes, device):
 
 
 def _flex_block_mask(T, left, device):
-    key = (T, left, str(device))
+    key = (T, left, device.type)  # "cuda", not "cuda:0": main() and the model must hit the same entry
     if key not in _block_masks:
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -380,7 +380,7 @@ class GPT(nn.Module):
         logits = 15 * torch.tanh(logits / 15)  # soft cap: logits stay within ±15
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=reduction)
 
 
@@ -631,14 +631,6 @@ GPU_PEAK_FLOPS = [
 H100_PEAK_FLOPS = 989.5e12
 
 
-def data_fingerprint():
-    """Short hashes of the validation data and the tokenizer, from prepare.py when it offers them."""
-    # TODO(lead): placeholder until prepare.py exports its fingerprint helper.
-    import prepare
-    fn = getattr(prepare, "data_fingerprint", None)
-    return fn() if fn is not None else "unknown (prepare.py has no data_fingerprint())"
-
-
 def main():
     t_start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -684,7 +676,9 @@ def main():
 
     print(f"attention:   {attention_line}")
     print(f"device:      {gpu_name} ({peak_note})")
-    print(f"data:        {data_fingerprint()}")
+    fingerprint = data_fingerprint()
+    print(f"data:        val={fingerprint['val']} tokenizer={fingerprint['tokenizer']} "
+          f"train_shards={fingerprint['train_shards']}")
     print(f"constants:   MAX_SEQ_LEN={MAX_SEQ_LEN} TIME_BUDGET={TIME_BUDGET} EVAL_TOKENS={EVAL_TOKENS:,}"
           + (" (smoke)" if SMOKE else ""))
     print(f"model:       DEPTH={DEPTH} width={config.n_embd} heads={config.n_head}x{config.n_embd // config.n_head} "
