@@ -214,6 +214,7 @@ def test_loader_invariants(tok, split):
     for _ in range(80):
         x, y, epoch = next(loader)
         assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+        assert x.is_contiguous() and y.is_contiguous()
         assert epoch >= 1
         assert torch.all(x[:, 0] == bos), "every row starts with BOS"
         assert torch.equal(x[:, 1:], y[:, :-1]), "targets are inputs shifted by one"
@@ -265,6 +266,22 @@ def test_keeping_a_batch_across_next_is_safe(tok):
     for (x, y, _), (cx, cy) in zip(kept, copies):
         assert torch.equal(x, cx) and torch.equal(y, cy), "a kept batch was overwritten"
     assert kept[0][0].data_ptr() != kept[1][0].data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_loader_matches_cpu_and_kept_batches_survive(tok):
+    """Pinned buffers, non-blocking copies: the rows equal the CPU loader's, and
+    batches kept while the pool of pinned buffers cycles are left intact."""
+    gpu = prepare.make_dataloader(tok, 16, 512, "train", device="cuda")
+    cpu = prepare.make_dataloader(tok, 16, 512, "train", device="cpu")
+    kept = []
+    for _ in range(4 * prepare.LOADER_POOL):
+        (x, y, e), (cx, cy, ce) = next(gpu), next(cpu)
+        assert x.is_cuda and x.dtype == torch.int64 and x.is_contiguous() and e == ce
+        kept.append((x, y, cx, cy))
+    torch.cuda.synchronize()
+    for x, y, cx, cy in kept:
+        assert torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy)
 
 
 def test_loader_raises_worker_errors_naming_the_file(tok, prepared_cache, tmp_path, monkeypatch):
