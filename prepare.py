@@ -219,9 +219,11 @@ def _is_offline(exc):
     return False
 
 
-def _download_shard(index, stop):
+def _download_shard(index, stop, reached):
     """Stream one shard to NAME.tmp in 1 MiB chunks, check its footer, rename.
-    Up to DOWNLOAD_ATTEMPTS attempts with exponential back-off. Returns bytes."""
+    Up to DOWNLOAD_ATTEMPTS attempts with exponential back-off. Returns bytes.
+    Until the server has answered once (reached), 'no network' errors end the
+    run at once instead of being retried."""
     import requests
 
     path = shard_path(index)
@@ -232,6 +234,7 @@ def _download_shard(index, stop):
             return 0
         try:
             with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as r:
+                reached.set()
                 r.raise_for_status()
                 expected = int(r.headers.get("Content-Length", -1))
                 nbytes = 0
@@ -252,7 +255,7 @@ def _download_shard(index, stop):
                 os.remove(tmp)
             if stop.is_set():
                 return 0
-            if _is_offline(e):
+            if _is_offline(e) and not reached.is_set():
                 host = re.sub(r"^\w+://([^/]+).*$", r"\1", url)
                 raise PrepareError(
                     f"cannot reach {host} ({type(e).__name__}); no network? "
@@ -283,10 +286,10 @@ def download_data(num_shards, workers):
     if not todo:
         return False
     print(f"data: downloading {len(todo)} shards with {workers} workers from {BASE_URL}", flush=True)
-    stop = threading.Event()
+    stop, reached = threading.Event(), threading.Event()
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_download_shard, i, stop): i for i in todo}
+        futures = {pool.submit(_download_shard, i, stop, reached): i for i in todo}
         try:
             for done, fut in enumerate(as_completed(futures), 1):
                 nbytes = fut.result()
@@ -377,13 +380,14 @@ def import_source(source):
         raise PrepareError(f"--source {source}: no usable files (.parquet, .txt, .md or .jsonl) found")
     record = {"source": os.path.abspath(os.path.expanduser(source)),
               "files": [[f] + _stamp(f) for f in used]}
-    state = _read_json(os.path.join(DATA_DIR, "source.json"))
+    state_path = os.path.join(DATA_DIR, "source.json")
+    state = _read_json(state_path)
     existing = _existing_shards()
     if existing and state is None:
         raise PrepareError(f"{DATA_DIR} holds downloaded shards; to import --source {source}, "
                            f"use another cache root (AUTORESEARCH_CACHE=DIR) or remove {DATA_DIR}")
-    if state is not None and {k: state.get(k) for k in record} == record and all(
-            _parquet_readable(os.path.join(DATA_DIR, n)) for n in state.get("shards", [])):
+    if state is not None and state.get("complete") and {k: state.get(k) for k in record} == record and all(
+            _parquet_readable(os.path.join(DATA_DIR, n)) for n in state["shards"]):
         print(f"data: already imported from {source} ({len(state['shards'])} shards)", flush=True)
         return False
 
@@ -418,8 +422,8 @@ def import_source(source):
               f"validation: the last {n_val}", flush=True)
 
     os.makedirs(DATA_DIR, exist_ok=True)
-    if os.path.exists(os.path.join(DATA_DIR, "source.json")):
-        os.remove(os.path.join(DATA_DIR, "source.json"))
+    # Marked as ours but unfinished first: a killed import is redone, never trusted.
+    _write_json(state_path, {**record, "shards": [], "complete": False})
     for name in existing:  # a previous import: ours to replace
         os.remove(os.path.join(DATA_DIR, name))
     for what, name in plan:
@@ -430,8 +434,7 @@ def import_source(source):
         else:
             _write_docs(dst, what)
         print(f"  {name}  {os.path.getsize(dst) / 1e6:.1f} MB", flush=True)
-    record["shards"] = [name for _, name in plan]
-    _write_json(os.path.join(DATA_DIR, "source.json"), record)
+    _write_json(state_path, {**record, "shards": [name for _, name in plan], "complete": True})
     return True
 
 # =============================================================================
@@ -936,6 +939,9 @@ def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=Fa
     if source is not None:
         changed = import_source(source)
     elif imported is not None:
+        if not imported.get("complete"):
+            raise PrepareError(f"the import from {imported['source']} did not finish: "
+                               f"run `uv run prepare.py --source {imported['source']}` again")
         print(f"data: using the data imported from {imported['source']} "
               f"(re-import with --source; remove {DATA_DIR} to download instead)", flush=True)
         changed = False

@@ -507,6 +507,8 @@ def test_partial_files_never_count_as_present(download_env, shard_files):
     os.makedirs(prepare.DATA_DIR)
     with open(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME), "wb") as f:
         f.write(shard_files[prepare.VAL_FILENAME][:1000])  # left by an interrupted run
+    with open(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME + ".tmp"), "wb") as f:
+        f.write(b"partial")
     with pytest.raises(SystemExit, match="shard_00000.parquet after 5 attempts"):
         prepare.download_data(1, workers=1)
     assert server.requests["shard_00000.parquet"] == 5
@@ -646,6 +648,22 @@ def test_prepare_twice_is_a_noop_and_notices_changed_shards(tmp_path, monkeypatc
     prepare.prepare(source=str(src), retrain_tokenizer=True)
     assert prepare.Tokenizer.from_directory().id != old_id
     assert os.listdir(prepare.TOKENS_DIR) == [prepare.Tokenizer.from_directory().id], "old token caches dropped"
+
+
+def test_killed_import_is_redone(tmp_path, monkeypatch, small_constants, corpus_dir):
+    use_cache(monkeypatch, tmp_path / "cache")
+    prepare.prepare(source=str(corpus_dir))
+    state_path = os.path.join(prepare.DATA_DIR, "source.json")
+    state = json.load(open(state_path))
+    # As if killed while copying: the pending record and one shard cut short.
+    json.dump({**state, "shards": [], "complete": False}, open(state_path, "w"))
+    val = os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME)
+    open(val, "wb").write(open(val, "rb").read()[:500])
+    with pytest.raises(SystemExit, match="did not finish"):
+        prepare.prepare()
+    prepare.prepare(source=str(corpus_dir))
+    assert json.load(open(state_path))["complete"] is True
+    assert open(val, "rb").read() == open(corpus_dir / "zz_val.parquet", "rb").read()
 
 
 def test_half_written_tokenizer_is_never_trusted(tok, prepared_cache, tmp_path, monkeypatch, small_constants):
