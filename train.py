@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, SMOKE, TIME_BUDGET
 from prepare import Tokenizer, data_fingerprint, evaluate_bpb, make_dataloader
@@ -104,7 +105,6 @@ def select_attention(device, prefer=None):
         if prefer == "fa3":
             raise SystemExit(f"attention: fa3 was asked for, but {why}")
     if prefer == "flex" or (prefer == "auto" and device.type == "cuda"):
-        from torch.nn.attention.flex_attention import flex_attention
         # Compiled, flex_attention is a fused sliding-window kernel; eager it is a slow reference.
         # (FlexAttention has no backward on CPU: there it is only good for forward checks.)
         _flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
@@ -124,8 +124,6 @@ def build_attention_masks(seq_len, window_sizes, device):
 def _flex_block_mask(T, left, device):
     key = (T, left, device.type)  # "cuda", not "cuda:0": main() and the model must hit the same entry
     if key not in _block_masks:
-        from torch.nn.attention.flex_attention import create_block_mask
-
         def sliding_window(b, h, q_idx, kv_idx):
             # query i sees key j when j <= i and i - j <= left: itself and the `left` tokens before it
             return (kv_idx <= q_idx) & (q_idx - kv_idx <= left)
@@ -151,7 +149,9 @@ def attention(q, k, v, window_size):
     gqa = k.size(2) != H
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     if _backend == "flex":
-        y = _flex(q, k, v, block_mask=_flex_block_mask(T, left, q.device), enable_gqa=gqa)
+        # inside the compiled model the plain op is captured and fused; called eagerly, use the compiled one
+        flex = flex_attention if torch.compiler.is_compiling() else _flex
+        y = flex(q, k, v, block_mask=_flex_block_mask(T, left, q.device), enable_gqa=gqa)
     elif left >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
@@ -782,7 +782,10 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except torch.OutOfMemoryError:
-        print(f"\nFAIL: CUDA out of memory. Lower DEVICE_BATCH_SIZE (now {DEVICE_BATCH_SIZE}); "
-              f"gradient accumulation keeps TOTAL_BATCH_SIZE the same.", flush=True)
-        sys.exit(1)
+    except Exception as e:
+        # OOM can also surface wrapped, e.g. from inside torch.compile's autotuning
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+            print(f"\nFAIL: CUDA out of memory. Lower DEVICE_BATCH_SIZE (now {DEVICE_BATCH_SIZE}); "
+                  f"gradient accumulation keeps TOTAL_BATCH_SIZE the same.", flush=True)
+            sys.exit(1)
+        raise
