@@ -625,8 +625,8 @@ UNTIMED_STEPS = 11   # steps 0..10 compile and warm up: not counted in the budge
 # bf16 dense peak FLOP/s for MFU; first matching substring of the GPU name wins
 GPU_PEAK_FLOPS = [
     ("GH200", 989.5e12), ("H200", 989.5e12), ("H100", 989.5e12), ("H800", 989.5e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362.05e12),
-    ("L4", 121e12), ("A10G", 70e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362.05e12), ("L40", 181e12),
+    ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
 ]
 H100_PEAK_FLOPS = 989.5e12
 
