@@ -39,7 +39,6 @@ import queue
 import re
 import shutil
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -594,7 +593,7 @@ def _cache_base(tokenizer_id, path):
     return os.path.join(TOKENS_DIR, tokenizer_id, os.path.basename(path)[:-len(".parquet")])
 
 
-def _encode_arrays(tokenizer, texts, pool):
+def _encode_arrays(tokenizer, texts, pool, threads):
     """Encode documents in threads (tiktoken releases the GIL) into uint32 arrays.
     encode_to_numpy with no special tokens allowed or disallowed is ordinary
     encoding (tests pin it to Tokenizer.encode), minus the Python lists."""
@@ -603,7 +602,7 @@ def _encode_arrays(tokenizer, texts, pool):
     def work(chunk):
         return [enc.encode_to_numpy(t, disallowed_special=()) for t in chunk]
 
-    step = max(1, -(-len(texts) // (4 * pool._max_workers)))
+    step = max(1, -(-len(texts) // (4 * threads)))  # a few chunks per thread: balance
     chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
     return list(itertools.chain.from_iterable(pool.map(work, chunks)))
 
@@ -622,17 +621,17 @@ def _pack_documents(arrays, bos):
     return tokens, offsets
 
 
-def build_token_cache(tokenizer, path, pool):
-    """Tokenize one shard into the cache. Returns the number of tokens."""
+def build_token_cache(tokenizer, path, pool, threads):
+    """Tokenize one shard into the cache (all its documents in one parallel map).
+    Returns the number of tokens."""
     pf = _open_parquet(path)
-    parts, counts = [], []
+    texts, counts = [], []
     for rg in range(pf.num_row_groups):
-        texts = read_texts(pf, rg)
-        parts.append(_pack_documents(_encode_arrays(tokenizer, texts, pool), tokenizer.get_bos_token_id()))
-        counts.append(len(texts))
-    tokens = np.concatenate([t for t, _ in parts]) if parts else np.empty(0, np.uint16)
-    starts = np.cumsum([0] + [len(t) for t, _ in parts])
-    offsets = np.concatenate([[0]] + [o[1:] + s for (_, o), s in zip(parts, starts)]).astype(np.int64)
+        rg_texts = read_texts(pf, rg)
+        texts += rg_texts
+        counts.append(len(rg_texts))
+    arrays = _encode_arrays(tokenizer, texts, pool, threads)
+    tokens, offsets = _pack_documents(arrays, tokenizer.get_bos_token_id())
     base = _cache_base(tokenizer.id, path)
     os.makedirs(os.path.dirname(base), exist_ok=True)
     _write_atomic(base + ".tokens.npy", lambda f: np.save(f, tokens))
@@ -675,10 +674,11 @@ def ensure_token_cache(tokenizer, paths):
     print(f"tokens: {len(paths) - len(todo)} of {len(paths)} shards cached in {TOKENS_DIR}", flush=True)
     if not todo:
         return False
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    threads = os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for path in todo:
             t0 = time.time()
-            n = build_token_cache(tokenizer, path, pool)
+            n = build_token_cache(tokenizer, path, pool, threads)
             dt = time.time() - t0
             print(f"  {os.path.basename(path)}  {n / 1e6:.1f} M tokens  {dt:.1f} s ({n / 1e6 / max(dt, 1e-9):.1f} M tok/s)",
                   flush=True)
