@@ -39,6 +39,7 @@ import queue
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -174,16 +175,31 @@ def read_texts(pf, row_group):
     return [t if t is not None else "" for t in texts]
 
 
+def _check_import_finished():
+    """A --source import that was killed half-way leaves shards no run may use."""
+    imported = _read_json(os.path.join(DATA_DIR, "source.json"))
+    if imported is not None and not imported.get("complete"):
+        raise PrepareError(f"the import from {imported['source']} did not finish: "
+                           f"run `uv run prepare.py --source {imported['source']}` again")
+
+
 def shard_path(index):
     return os.path.join(DATA_DIR, f"shard_{index:05d}.parquet")
+
+
+def _existing_shards():
+    if not os.path.isdir(DATA_DIR):
+        return []
+    return sorted(f for f in os.listdir(DATA_DIR) if SHARD_RE.fullmatch(f))
 
 
 def list_shards(split):
     """Parquet files of a split: 'val' is the pinned shard, 'train' every other shard."""
     assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
-    names = sorted(f for f in os.listdir(DATA_DIR) if SHARD_RE.fullmatch(f)) if os.path.isdir(DATA_DIR) else []
+    names = _existing_shards()
     if not names:
         raise PrepareError(f"no data in {DATA_DIR}: {RUN_PREPARE}")
+    _check_import_finished()
     if split == "val":
         if VAL_FILENAME not in names:
             raise PrepareError(f"validation shard {VAL_FILENAME} missing in {DATA_DIR}: {RUN_PREPARE}")
@@ -261,7 +277,8 @@ def _download_shard(index, stop, reached):
                     f"Import local data instead: uv run prepare.py --source PATH") from None
             status = getattr(getattr(e, "response", None), "status_code", None)
             if status is not None and 400 <= status < 500 and status != 429:
-                raise PrepareError(f"cannot download {url}: HTTP {status}") from None
+                raise PrepareError(f"cannot download {url}: HTTP {status} "
+                                   f"(or import local data instead: uv run prepare.py --source PATH)") from None
             if attempt == DOWNLOAD_ATTEMPTS:
                 raise PrepareError(f"could not download {name} after {attempt} attempts: {e}") from None
             delay = BACKOFF_BASE * 2 ** (attempt - 1)
@@ -318,12 +335,6 @@ def _source_files(source):
     return sorted(os.path.abspath(f) for f in files if os.path.isfile(f))
 
 
-def _existing_shards():
-    if not os.path.isdir(DATA_DIR):
-        return []
-    return sorted(f for f in os.listdir(DATA_DIR) if SHARD_RE.fullmatch(f))
-
-
 def _read_documents(files):
     """Documents from .txt/.md (one per file) and .jsonl (one per line with a
     "text" string). Undecodable files, bad lines and empty documents are skipped
@@ -372,6 +383,8 @@ def import_source(source):
     documents in sorted file order are written into parquet shards; the last
     10% of them (at least one) become the validation shard."""
     files = _source_files(source)
+    if not files and not glob.has_magic(source) and not os.path.exists(os.path.expanduser(source)):
+        raise PrepareError(f"--source {source}: no such file or folder")
     parquet = [f for f in files if f.endswith(".parquet")]
     documents = [f for f in files if f.endswith((".txt", ".md", ".jsonl"))]
     used = parquet or documents
@@ -859,20 +872,28 @@ def build_val_rows(tokenizer, T, N):
     return rows
 
 
+def cached_val_rows(tokenizer, T, N):
+    """The cached validation rows if they match the tokenizer, the val shard and
+    (T, N); else None. The .json is written after the .npy: no json, no trust."""
+    path = _val_rows_path(tokenizer, T, N)
+    meta = _read_json(path[:-len(".npy")] + ".json")
+    if tokenizer.id is None or meta is None or meta.get("val") != _stamp(list_shards("val")[0]):
+        return None
+    try:
+        rows = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    return rows if rows.shape == (N, T + 1) else None
+
+
 def val_rows(tokenizer, T, N, save=True):
-    """Validation rows from the cache when it matches the tokenizer, the val shard
-    and (T, N); else packed now (and cached when save)."""
+    """Validation rows from the cache when valid; else packed now (and cached when save)."""
+    rows = cached_val_rows(tokenizer, T, N)
+    if rows is not None:
+        return rows
     path = _val_rows_path(tokenizer, T, N)
     meta_path = path[:-len(".npy")] + ".json"
     val_stamp = _stamp(list_shards("val")[0])
-    meta = _read_json(meta_path)
-    if meta is not None and meta.get("val") == val_stamp and tokenizer.id is not None:
-        try:
-            rows = np.load(path, mmap_mode="r")
-            if rows.shape == (N, T + 1):
-                return rows
-        except (OSError, ValueError):
-            pass
     rows = build_val_rows(tokenizer, T, N)
     if save and tokenizer.id is not None:
         try:
@@ -939,9 +960,7 @@ def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=Fa
     if source is not None:
         changed = import_source(source)
     elif imported is not None:
-        if not imported.get("complete"):
-            raise PrepareError(f"the import from {imported['source']} did not finish: "
-                               f"run `uv run prepare.py --source {imported['source']}` again")
+        _check_import_finished()
         print(f"data: using the data imported from {imported['source']} "
               f"(re-import with --source; remove {DATA_DIR} to download instead)", flush=True)
         changed = False
@@ -966,7 +985,7 @@ def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=Fa
 
     changed |= ensure_token_cache(tokenizer, cached_shards(train_paths))
     T, N = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
-    if not os.path.exists(_val_rows_path(tokenizer, T, N)) or changed:
+    if changed or cached_val_rows(tokenizer, T, N) is None:
         val_rows(tokenizer, T, N)
         changed = True
     print(f"val rows: {N} rows of {T + 1} tokens cached", flush=True)
@@ -999,7 +1018,12 @@ def main(argv=None):
     parser.add_argument("--retrain-tokenizer", action="store_true",
                         help="train the tokenizer again even though one exists")
     args = parser.parse_args(argv)
-    prepare(args.num_shards, args.download_workers, args.source, args.retrain_tokenizer)
+    try:
+        prepare(args.num_shards, args.download_workers, args.source, args.retrain_tokenizer)
+    except KeyboardInterrupt:
+        # Nothing half-written is trusted later (see the module docstring).
+        print("\nprepare: interrupted; run the same command again to finish", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -516,6 +516,14 @@ def test_partial_files_never_count_as_present(download_env, shard_files):
     assert sorted(os.listdir(prepare.DATA_DIR)) == [prepare.VAL_FILENAME]
 
 
+def test_client_errors_are_not_retried(download_env, shard_files):
+    files = {k: v for k, v in shard_files.items() if k != "shard_00001.parquet"}
+    server = download_env(files)
+    with pytest.raises(SystemExit, match=r"shard_00001.parquet: HTTP 404 .*--source"):
+        prepare.download_data(2, workers=1)
+    assert server.requests["shard_00001.parquet"] == 1
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 def test_download_worker_count_is_honoured(download_env, shard_files, workers):
     server = download_env(shard_files, delay=0.25)
@@ -633,6 +641,10 @@ def test_prepare_twice_is_a_noop_and_notices_changed_shards(tmp_path, monkeypatc
     assert "nothing to do" in capsys.readouterr().out
     assert snapshot == {p: os.stat(p).st_mtime_ns for p in map(str, (tmp_path / "cache").rglob("*"))}
     old_id = prepare.Tokenizer.from_directory().id
+    # Killed between the validation rows and their .json: rebuilt, not trusted.
+    rows = prepare._val_rows_path(prepare.Tokenizer.from_directory(), 64, 8)
+    os.remove(rows[:-len(".npy")] + ".json")
+    assert prepare.prepare(source=str(src)) is True and os.path.exists(rows[:-len(".npy")] + ".json")
     # New training data: prepare says the tokenizer was trained on other shards and keeps it...
     write_parquet(src / "part_00.parquet", corpus_documents(150, seed=42), row_group_size=64)
     prepare.prepare(source=str(src))
@@ -661,6 +673,9 @@ def test_killed_import_is_redone(tmp_path, monkeypatch, small_constants, corpus_
     open(val, "wb").write(open(val, "rb").read()[:500])
     with pytest.raises(SystemExit, match="did not finish"):
         prepare.prepare()
+    tok = prepare.Tokenizer.from_directory()  # the tokenizer survived: train.py must still refuse the data
+    with pytest.raises(SystemExit, match="did not finish"):
+        prepare.make_dataloader(tok, 2, 32, "train", device="cpu")
     prepare.prepare(source=str(corpus_dir))
     assert json.load(open(state_path))["complete"] is True
     assert open(val, "rb").read() == open(corpus_dir / "zz_val.parquet", "rb").read()
@@ -719,31 +734,50 @@ def test_nothing_prepared_is_a_clear_error_for_train_py(tmp_path, prepared_cache
     assert_clean_failure(result, "no data in", "uv run prepare.py")
 
 
-def test_bad_source_inputs(tmp_path, corpus_dir):
+def test_bad_source_inputs(tmp_path, corpus_dir, monkeypatch):
     cache = tmp_path / "cache"
     corrupt = tmp_path / "corrupt"
     shutil.copytree(corpus_dir, corrupt)
     (corrupt / "part_01.parquet").write_bytes(b"PAR1 garbage")
+    # End to end once (one line on stderr, exit 1, no traceback); the rest in
+    # process: every message is a PrepareError, i.e. a SystemExit with that line.
     assert_clean_failure(run_prepare(["--source", corrupt], cache), "corrupt parquet file", "part_01.parquet")
+    use_cache(monkeypatch, cache)
+
+    def fails(source, *needles):
+        with pytest.raises(prepare.PrepareError) as err:
+            prepare.main(["--source", str(source)])
+        assert all(n in str(err.value) for n in needles), (needles, str(err.value))
 
     single = tmp_path / "single"
     single.mkdir()
     shutil.copy(corpus_dir / "part_00.parquet", single)
-    assert_clean_failure(run_prepare(["--source", single], cache), "training split would be empty")
+    fails(single, "training split would be empty")
 
     unusable = tmp_path / "unusable"
     unusable.mkdir()
     (unusable / "data.csv").write_text("a,b\n")
-    assert_clean_failure(run_prepare(["--source", unusable], cache), "no usable files")
-    assert_clean_failure(run_prepare(["--source", tmp_path / "does_not_exist"], cache), "no usable files")
+    fails(unusable, "no usable files")
+    fails(unusable / "*.txt", "no usable files")
+    fails(tmp_path / "does_not_exist", "does_not_exist: no such file or folder")
 
     undecodable = tmp_path / "undecodable"
     undecodable.mkdir()
     (undecodable / "a.txt").write_bytes(b"\xff\xfe\x00bad")
     (undecodable / "b.md").write_bytes(b"\xc3\x28")
-    assert_clean_failure(run_prepare(["--source", undecodable], cache), "0 usable documents",
-                         "2 files that are not valid UTF-8")
+    fails(undecodable, "0 usable documents", "2 files that are not valid UTF-8")
     assert not (cache / "data").exists() or not os.listdir(cache / "data"), "nothing half-imported"
+
+
+def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare, "prepare", interrupted)
+    with pytest.raises(SystemExit) as err:
+        prepare.main([])
+    assert err.value.code == 130
+    assert capsys.readouterr().err.strip() == "prepare: interrupted; run the same command again to finish"
 
 
 def test_source_refuses_to_mix_with_downloaded_data(tmp_path, corpus_dir, shard_files):
