@@ -329,6 +329,8 @@ if __name__ == "__main__":
     parser.add_argument("--noise", type=float, metavar="X",
                         help="val_bpb spread to treat as noise (default: measured from 'noise' rows)")
     args = parser.parse_args()
+    if args.noise is not None and not args.noise >= 0:
+        parser.error(f"--noise must be a spread >= 0, got {args.noise}")
 
     missing = [p for p in args.tsv if not Path(p).is_file()]
     if missing:

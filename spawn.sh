@@ -21,7 +21,10 @@
 #     (refused, changing nothing, if any such branch already exists);
 #   - a git worktree worktrees/gpu<N> with the repo's .venv linked in;
 #   - the agent started there with CUDA_VISIBLE_DEVICES=<N> and the prompt
-#     "Read program.md and follow the instructions.";
+#     "Read program.md and follow the instructions.", and this shell's PATH
+#     and AUTORESEARCH_*, ANTHROPIC_*, OPENAI_*, CLAUDE_*, CODEX_*, HF_*, UV_*
+#     variables (a pane otherwise gets the environment of the tmux server,
+#     which may have started before you exported them);
 #   - one pane of the tiled tmux session autoresearch-<tag>; when the agent
 #     exits the pane says so and leaves a shell open.
 #   Then a background watcher checks every WATCH_INTERVAL seconds and types
@@ -110,7 +113,7 @@ find_root() {
     local common
     common=$(git rev-parse --git-common-dir 2>/dev/null) \
         || die "not inside a git repository: run spawn.sh from the autoresearch repo"
-    (cd "$common/.." && pwd)
+    (cd "$common/.." && pwd -P)  # physical, as git lists worktrees
 }
 
 check_tag() {
@@ -141,6 +144,17 @@ agent_cmdline() {
             ;;
         *) return 1 ;;
     esac
+}
+
+# 'export NAME=value; ...' for the variables a pane must see from this shell.
+FORWARD_ENV_REGEX='^(PATH|(AUTORESEARCH|ANTHROPIC|OPENAI|CLAUDE|CODEX|HF|UV)_[A-Za-z0-9_]*)$'
+env_exports() {
+    local name
+    while IFS= read -r name; do
+        if [[ "$name" =~ $FORWARD_ENV_REGEX ]]; then
+            printf 'export %s=%q; ' "$name" "${!name}"
+        fi
+    done < <(compgen -e)
 }
 
 pidfile_for() { printf '%s/worktrees/.watcher-%s.pid' "$ROOT" "$1"; }
@@ -263,7 +277,7 @@ cmd_launch() {
 
         # The pane runs bash directly (no default-shell): the agent, then a
         # note that it ended, then a shell left open in the worktree.
-        cmd="export CUDA_VISIBLE_DEVICES=$gpu; $(agent_cmdline "$agent") $(printf '%q' "$AGENT_PROMPT")"
+        cmd="$(env_exports)export CUDA_VISIBLE_DEVICES=$gpu; $(agent_cmdline "$agent") $(printf '%q' "$AGENT_PROMPT")"
         cmd+="; rc=\$?; tmux set-option -p @autoresearch_done 1 2>/dev/null"
         cmd+="; printf '\\n[agent exited with status %s: session ended on GPU $gpu]\\n' \"\$rc\"; exec bash"
         if [[ -z "$MADE_SESSION" ]]; then

@@ -153,6 +153,12 @@ def test_missing_file_exits_1(tmp_path):
     assert "results file not found" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("value", ["-0.001", "nan"])
+def test_negative_noise_is_refused(night, value):
+    r = run_cli(night, f"--noise={value}")
+    assert r.returncode == 2 and "--noise must be a spread >= 0" in r.stderr
+
+
 def test_default_is_results_tsv(night):
     r = run_cli(cwd=night.parent)
     assert r.returncode == 0 and "experiments: 6" in r.stdout

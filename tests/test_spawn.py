@@ -32,6 +32,7 @@ STAND_IN = r"""#!/usr/bin/env bash
 # Stand-in agent: $1 = folder for its report; the prompt is the last argument.
 out=$1
 report="$out/gpu$CUDA_VISIBLE_DEVICES.txt"
+printf '%s\n' "${AUTORESEARCH_CACHE-unset}" > "$out/cache$CUDA_VISIBLE_DEVICES"
 printf '%s\n%s\n%s\n' "$CUDA_VISIBLE_DEVICES" "$PWD" "${!#}" > "$report.tmp"
 mv "$report.tmp" "$report"
 [[ -f results.tsv ]] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\n' > results.tsv
@@ -228,6 +229,17 @@ def test_relaunch_refuses_and_changes_nothing(sb):
     assert sb.branches() == ["autoresearch/n3-gpu0"]
     assert git(sb.repo, "rev-parse", "autoresearch/n3-gpu0") == sb.head
     assert sb.worktrees() == [] and not sb.has_session("n3")
+
+
+def test_panes_get_this_shells_environment(sb):
+    """A tmux server started earlier (you launch from inside tmux) does not know
+    variables exported since; launch hands them to each pane itself."""
+    env = {k: v for k, v in sb.env.items() if k != "AUTORESEARCH_CACHE"}
+    subprocess.run(["tmux", "-L", sb.socket, "new-session", "-d", "-s", "earlier"], env=env, check=True)
+    cache = "/data/my cache's root"
+    assert sb.spawn("launch", "n11", "a:0", AUTORESEARCH_CACHE=cache).returncode == 0
+    sb.report(0)
+    assert (sb.out / "cache0").read_text() == cache + "\n"
 
 
 def test_agent_command_lines(sb, tmp_path):
