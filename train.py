@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, SMOKE, TIME_BUDGET
-from prepare import Tokenizer, data_fingerprint, evaluate_bpb, make_dataloader
+from prepare import Tokenizer, data_fingerprint, evaluate_bpb, list_shards, make_dataloader
 
 # =============================================================================
 # Attention: one backend decision, one function
@@ -366,6 +366,27 @@ class GPT(nn.Module):
         return optimizer
 
     def forward(self, idx, targets=None, reduction="mean"):
+        """Logits (B, T, vocab) without targets; with targets the mean loss, or with
+        reduction='none' the per-token losses (B*T,) in nats, detached (for evaluation:
+        train on the mean)."""
+        if targets is None:
+            return softcapped_logits(self.trunk(idx), self.lm_head.weight)
+        assert reduction in ("mean", "none"), f"reduction={reduction!r}: use 'mean' or 'none'"
+        mean_loss, per_token = self.losses(idx, targets)
+        return mean_loss if reduction == "mean" else per_token
+
+    def losses(self, idx, targets):
+        """(mean loss over real targets, per-token losses (B*T,) detached).
+
+        One function, so one compiled graph (compile_model), serves training (the mean)
+        and evaluation (per token): the evaluation compiles nothing new. The backward
+        starts from the scalar mean, as with F.cross_entropy's own mean.
+        """
+        per_token = token_losses(self.trunk(idx), self.lm_head.weight, targets)
+        return per_token.sum() / (targets != -1).sum(), per_token.detach()
+
+    def trunk(self, idx):
+        """Embedding and blocks: the final hidden state (B, T, C), before the last norm."""
         B, T = idx.shape
         assert T <= self.rotary_seq_len, f"sequence of {T} tokens is longer than the rotary tables ({self.rotary_seq_len})"
         cos_sin = self.cos[:, :T], self.sin[:, :T]
@@ -375,13 +396,48 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos_sin, self.window_sizes[i])
-        x = norm(x)
-        logits = self.lm_head(x).float()
-        logits = 15 * torch.tanh(logits / 15)  # soft cap: logits stay within ±15
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=reduction)
+        return x
+
+
+def softcapped_logits(x, lm_head_weight):
+    """Final norm, lm_head, float32 logits soft-capped to ±15: (B, T, vocab)."""
+    logits = F.linear(norm(x), lm_head_weight).float()
+    return 15 * torch.tanh(logits / 15)
+
+
+def token_losses(x, lm_head_weight, targets):
+    """Per-token cross-entropy in nats, flat (B*T,) as F.cross_entropy gives it; 0 where the target is -1.
+
+    Training (mean) and evaluation (per token) both go through this one function, so
+    when it is compiled both use the same graph: evaluation triggers no recompile.
+    """
+    logits = softcapped_logits(x, lm_head_weight)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
+
+
+def compile_model(model):
+    """torch.compile the model's loss graph: embedding, blocks, head, cross-entropy (GPT.losses)."""
+    model.losses = torch.compile(model.losses, dynamic=False)
+    return model
+
+
+class TrainingGraphEval(nn.Module):
+    """Evaluate with the compiled training graphs: `model(x, y, reduction)` under autograd.
+
+    evaluate_bpb() runs under no_grad, where torch.compile would build a second,
+    inference-only set of graphs (many seconds on a cold cache) for a single pass over
+    the validation set. Switching autograd back on for the forward reuses the graphs
+    already compiled for training; the result is detached, so each batch's saved
+    activations are freed at once. Same function, same numbers.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, reduction="none"):
+        with torch.enable_grad():
+            return self.model(x, y, reduction=reduction).detach()
 
 
 # =============================================================================
@@ -659,6 +715,7 @@ def main():
         gpu_name, peak_flops, peak_note = f"none (CPU, {torch.get_num_threads()} threads)", None, "MFU not measured"
 
     tokenizer = Tokenizer.from_directory()
+    list_shards("val")  # fail now, not after TIME_BUDGET seconds of training, if val_bpb cannot be measured
     config = model_config(tokenizer.get_vocab_size())
     with torch.device("meta"):
         model = GPT(config)
@@ -691,14 +748,16 @@ def main():
                                       matrix_lr=MATRIX_LR, scalar_lr=SCALAR_LR, weight_decay=WEIGHT_DECAY,
                                       adam_betas=ADAM_BETAS, compiled=use_cuda)
     if use_cuda:
-        model = torch.compile(model, dynamic=False)
+        compile_model(model)
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
     x, y, epoch = next(train_loader)
+    t_train_start = time.time()
 
     # -------------------------------------------------------------------------
     # Training loop: runs until TIME_BUDGET seconds of timed steps
     # -------------------------------------------------------------------------
     training_seconds = 0.0
+    warmup_seconds = step0_seconds = 0.0
     timed_steps = 0
     smooth_loss = 0.0
     step = 0
@@ -729,6 +788,9 @@ def main():
         if step >= UNTIMED_STEPS:
             training_seconds += dt
             timed_steps += 1
+        else:
+            warmup_seconds += dt
+            step0_seconds = step0_seconds or dt
 
         smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         debiased_loss = smooth_loss / (1 - 0.9 ** (step + 1))
@@ -756,10 +818,14 @@ def main():
     # -------------------------------------------------------------------------
     # Evaluation and summary (the block after `---` is read by machines: keep it last)
     # -------------------------------------------------------------------------
-    model.eval()
-    with torch.no_grad(), autocast:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    # No model.eval(): there is no dropout or batch norm, and flipping `training` would make
+    # torch.compile rebuild every graph before the evaluation.
+    t_eval = time.time()
+    with autocast:
+        val_bpb = evaluate_bpb(TrainingGraphEval(model) if use_cuda else model, tokenizer, DEVICE_BATCH_SIZE)
     t_end = time.time()
+    print(f"overhead:    startup {t_train_start - t_start:.1f} s, warm-up steps {warmup_seconds:.1f} s "
+          f"(step 0: {step0_seconds:.1f} s), evaluation {t_end - t_eval:.1f} s")
 
     peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if use_cuda else 0.0
     mfu_percent = 0.0

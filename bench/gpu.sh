@@ -5,6 +5,8 @@
 #   bash bench/gpu.sh loader             # fast loader tokens/s at B=128, T=2048
 #   bash bench/gpu.sh train              # one default train.py run, cold compile cache
 #   BUDGET=60 bash bench/gpu.sh train    # same, TIME_BUDGET shortened in a scratch copy
+#   TRAIN_PY=old.py BUDGET=60 bash bench/gpu.sh train   # another version of train.py, same way
+#   bash bench/gpu.sh profile            # compile/eval/start-up costs and a kernel profile (random tokens)
 #
 # Overrides: OUT (where logs go, default ./bench_out), WORK (scratch, default
 # /tmp/autoresearch-bench), CORPUS_PY (default .bench/corpus.py, the bench
@@ -18,6 +20,7 @@ WORK=${WORK:-/tmp/autoresearch-bench}
 CORPUS_PY=${CORPUS_PY:-.bench/corpus.py}
 WHEELS=${WHEELS:-.whl}
 BUDGET=${BUDGET:-}
+TRAIN_PY=${TRAIN_PY:-train.py}
 export AUTORESEARCH_CACHE=${AUTORESEARCH_CACHE:-$WORK/cache}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
@@ -41,28 +44,35 @@ setup)
     log "prepare.py --source"
     /usr/bin/time -f "prepare: %e s" python3 prepare.py --source "$WORK/corpus" 2>&1 | tee "$OUT/prepare.log"
     ;;
+profile)
+    shift
+    cache="$WORK/compile-cache-$(date +%s)"
+    TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton" \
+        python3 bench/step_profile.py "$@" 2>&1 | tee "$OUT/profile.log"
+    ;;
 loader)
     python3 bench/loader.py --device cuda --B 128 --T 2048 --seconds 20 2>&1 | tee "$OUT/loader.log"
     ;;
 train)
-    run_dir=$REPO
+    name=$(basename "$TRAIN_PY" .py)${BUDGET:+-$BUDGET}
+    run_dir="$WORK/run-$name"
+    rm -rf "$run_dir" && mkdir -p "$run_dir"
+    cp constants.py prepare.py "$run_dir/"
+    cp "$TRAIN_PY" "$run_dir/train.py"
     if [[ -n "$BUDGET" ]]; then
-        run_dir="$WORK/run-budget$BUDGET"
-        rm -rf "$run_dir" && mkdir -p "$run_dir"
-        cp constants.py prepare.py train.py "$run_dir/"
         sed -i "s/^TIME_BUDGET = 300 /TIME_BUDGET = $BUDGET /" "$run_dir/constants.py"
         grep -q "^TIME_BUDGET = $BUDGET " "$run_dir/constants.py" || { log "could not set TIME_BUDGET"; exit 1; }
     fi
     # A cold compile cache, as after every agent edit: fresh inductor and triton caches.
     cache="$WORK/compile-cache-$(date +%s)"
     export TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton"
-    log "train.py in $run_dir (budget ${BUDGET:-300} s, cold compile cache)"
+    log "$TRAIN_PY in $run_dir (budget ${BUDGET:-300} s, cold compile cache)"
     set +e
-    (cd "$run_dir" && python3 train.py) >"$OUT/train${BUDGET:+-$BUDGET}.log" 2>&1
+    (cd "$run_dir" && python3 train.py) >"$OUT/$name.log" 2>&1
     rc=$?
     set -e
-    python3 bench/steps.py "$OUT/train${BUDGET:+-$BUDGET}.log" || true
-    tail -c 1500 "$OUT/train${BUDGET:+-$BUDGET}.log" | tr '\r' '\n' | tail -n 25
+    python3 bench/steps.py "$OUT/$name.log" || true
+    tail -c 1500 "$OUT/$name.log" | tr '\r' '\n' | tail -n 25
     log "train.py exit code $rc"
     exit "$rc"
     ;;

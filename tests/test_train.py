@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train
 from train import GPT, GPTConfig, MuonAdamW
@@ -511,3 +512,32 @@ def test_smoke_run_end_to_end(prepared_cache):
     assert num_steps > train.UNTIMED_STEPS
     assert summary["depth"] == "2" and summary["mfu_percent"] == "0.00" or torch.cuda.is_available()
     assert float(summary["total_tokens_M"]) == pytest.approx(num_steps * 4 * 256 / 1e6, abs=0.05)
+
+
+def test_loss_graph_gives_the_plain_mean_and_per_token_losses(sdpa_backend):
+    """GPT.losses (the one compiled graph) against a plain cross-entropy of the soft-capped logits."""
+    model = tiny_model(n_layer=2)
+    model.lm_head.weight.data.normal_(0, 1.0)
+    idx = torch.randint(0, 97, (2, 32))
+    targets = torch.randint(0, 97, (2, 32))
+    targets[0, :5] = -1  # ignored targets count in neither the sum nor the mean
+    logits = model(idx)
+    ref_tokens = F.cross_entropy(logits.view(-1, 97), targets.view(-1), ignore_index=-1, reduction="none")
+    ref_mean = F.cross_entropy(logits.view(-1, 97), targets.view(-1), ignore_index=-1)
+    mean_loss, per_token = model.losses(idx, targets)
+    assert torch.allclose(mean_loss, ref_mean, atol=1e-6) and torch.allclose(per_token, ref_tokens, atol=1e-6)
+    assert mean_loss.requires_grad and not per_token.requires_grad
+    assert torch.allclose(model(idx, targets), ref_mean, atol=1e-6)
+    assert torch.allclose(model(idx, targets, reduction="none"), ref_tokens, atol=1e-6)
+
+
+def test_training_graph_eval_equals_plain_evaluation(sdpa_backend):
+    """TrainingGraphEval runs the forward with autograd on (to reuse compiled training graphs):
+    same per-token losses as a no_grad forward, detached, and no gradient left behind."""
+    model = tiny_model(n_layer=2)
+    idx, targets = torch.randint(0, 97, (3, 32)), torch.randint(0, 97, (3, 32))
+    with torch.no_grad():
+        plain = model(idx, targets, reduction="none")
+        reused = train.TrainingGraphEval(model)(idx, targets, reduction="none")
+    assert torch.equal(plain, reused) and not reused.requires_grad
+    assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,157 @@
+"""
+Where a training step's GPU time goes, and what compiling costs (CUDA only).
+
+    python3 bench/step_profile.py
+
+Builds train.py's model and optimizer at the default hyperparameters, feeds random
+tokens (no data needed), and times what a run pays besides training: start-up,
+the model's compile (first forward+backward), the optimizer's compile (first
+step), an evaluation-sized forward pass through the training graphs; then the
+steady step, and a profile of two steps listing the kernels that take the most
+GPU time. Use a fresh TORCHINDUCTOR_CACHE_DIR for cold-cache figures.
+"""
+
+import time
+
+T_START = time.time()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+
+
+def window_as_tensor_masks():
+    """Variant: sliding-window block masks whose window is a captured tensor, not a
+    constant, so S and L layers share one FlexAttention kernel (fewer compiles)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    masks = {}
+
+    def block_mask(T, left, device):
+        key = (T, left, device.type)
+        if key not in masks:
+            left_t = torch.tensor(left, device=device, dtype=torch.int32)
+
+            def sliding_window(b, h, q_idx, kv_idx):
+                return (kv_idx <= q_idx) & (q_idx - kv_idx <= left_t)
+
+            masks[key] = create_block_mask(sliding_window, None, None, T, T, device=device)
+        return masks[key]
+
+    train._flex_block_mask = block_mask
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=15, help="steps before profiling (step 0 compiles)")
+    parser.add_argument("--top", type=int, default=30, help="kernels to list (0: no profile)")
+    parser.add_argument("--compile", choices=["losses", "whole"], default="losses",
+                        help="losses: train.compile_model (as train.py); whole: torch.compile(model), the published way")
+    parser.add_argument("--mask", choices=["constant", "tensor"], default="constant",
+                        help="flex window baked into the kernel (as train.py) or a captured tensor")
+    parser.add_argument("--eager-optimizer", action="store_true", help="MuonAdamW without torch.compile")
+    parser.add_argument("--no-grad-eval", action="store_true", help="also time evaluation under no_grad")
+    args = parser.parse_args()
+    print(f"variant: {vars(args)}")
+    if args.mask == "tensor":
+        window_as_tensor_masks()
+
+    print(f"import torch + train: {time.time() - T_START:.1f} s")
+    t0 = time.time()
+    device = torch.device("cuda")
+    torch.zeros(1, device=device)
+    print(f"CUDA init: {time.time() - t0:.1f} s")
+    torch.manual_seed(0)
+    torch.set_float32_matmul_precision("high")
+    print("attention:", train.select_attention(device))
+    config = train.model_config(8192)
+    with torch.device("meta"):
+        model = train.GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    train.build_attention_masks(config.sequence_len, model.window_sizes, device)
+    optimizer = model.setup_optimizer(unembedding_lr=train.UNEMBEDDING_LR, embedding_lr=train.EMBEDDING_LR,
+                                      matrix_lr=train.MATRIX_LR, scalar_lr=train.SCALAR_LR,
+                                      weight_decay=train.WEIGHT_DECAY, adam_betas=train.ADAM_BETAS,
+                                      compiled=not args.eager_optimizer)
+    print(f"model + optimizer built: {time.time() - T_START:.1f} s since start", flush=True)
+    run = train.compile_model(model) if args.compile == "losses" else torch.compile(model, dynamic=False)
+    B, T = train.DEVICE_BATCH_SIZE, train.MAX_SEQ_LEN
+    accum = train.TOTAL_BATCH_SIZE // (B * T)
+    batches = [torch.randint(0, 8192, (B, T + 1), device=device) for _ in range(4)]
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    optimizer_seconds = []
+
+    def step(i):
+        for k in range(accum):
+            row = batches[(i * accum + k) % len(batches)]
+            with autocast:
+                loss = run(row[:, :-1], row[:, 1:])
+            (loss / accum).backward()
+        torch.cuda.synchronize()
+        t0 = time.time()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        optimizer_seconds.append(time.time() - t0)
+
+    t0 = time.time()
+    with autocast:
+        loss = run(batches[0][:, :-1], batches[0][:, 1:])
+    loss.backward()
+    torch.cuda.synchronize()
+    t1 = time.time()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    print(f"first forward+backward (model compile): {t1 - t0:.1f} s; first optimizer step: {time.time() - t1:.1f} s",
+          flush=True)
+    from torch._dynamo.utils import compile_times
+    print(compile_times(repr="str", aggregate=True)[:3000])
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.steps):
+        torch.cuda.synchronize()
+        t0 = time.time()
+        step(i)
+        torch.cuda.synchronize()
+        times.append(time.time() - t0)
+    steady = sorted(times[5:])[len(times[5:]) // 2]
+    opt = sorted(optimizer_seconds[5:])[len(optimizer_seconds[5:]) // 2]
+    print(f"steady step: {steady * 1000:.1f} ms  ({train.TOTAL_BATCH_SIZE / steady / 1e6:.3f} M tokens/s, "
+          f"MFU {100 * model.estimate_flops() * train.TOTAL_BATCH_SIZE / steady / 989.5e12:.1f}%), "
+          f"of which optimizer step (synced) {opt * 1000:.1f} ms")
+    print(f"peak memory, training steps: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", flush=True)
+
+    # one evaluation-sized forward pass: 80 batches of B x T, per-token losses
+    variants = [("training graphs", train.TrainingGraphEval(model))] if args.compile == "losses" else []
+    if args.no_grad_eval or args.compile == "whole":
+        variants += [("no_grad (compiles inference graphs)", run), ("no_grad, again", run)]
+    for label, evaluator in variants:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t0 = time.time()
+        with torch.no_grad(), autocast:
+            for i in range(train.EVAL_TOKENS // (B * T)):
+                row = batches[i % len(batches)]
+                evaluator(row[:, :-1], row[:, 1:], reduction="none")
+        torch.cuda.synchronize()
+        print(f"evaluation forward, {label}: {time.time() - t0:.1f} s, "
+              f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", flush=True)
+
+    if args.top:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(2):
+                step(i)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
