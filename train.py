@@ -91,7 +91,8 @@ def select_attention(device, prefer=None):
     """Pick the attention backend for `device` once; return a one-line description."""
     global _backend, _fa3, _flex
     prefer = prefer or os.environ.get("AUTORESEARCH_ATTENTION", "auto")
-    assert prefer in ("auto", "fa3", "flex", "sdpa"), f"AUTORESEARCH_ATTENTION={prefer!r}: use fa3, flex or sdpa"
+    if prefer not in ("auto", "fa3", "flex", "sdpa"):  # a user's setting: one line, not a traceback
+        raise SystemExit(f"attention: AUTORESEARCH_ATTENTION={prefer!r}: use fa3, flex or sdpa")
     device = torch.device(device)
     why = None
     if prefer in ("auto", "fa3"):
@@ -408,8 +409,8 @@ def softcapped_logits(x, lm_head_weight):
 def token_losses(x, lm_head_weight, targets):
     """Per-token cross-entropy in nats, flat (B*T,) as F.cross_entropy gives it; 0 where the target is -1.
 
-    Training (mean) and evaluation (per token) both go through this one function, so
-    when it is compiled both use the same graph: evaluation triggers no recompile.
+    Training (mean) and evaluation (per token) both go through this one function inside
+    GPT.losses, the graph compile_model() compiles once for both.
     """
     logits = softcapped_logits(x, lm_head_weight)
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
@@ -679,12 +680,19 @@ def get_muon_weight_decay(progress):
 UNTIMED_STEPS = 11   # steps 0..10 compile and warm up: not counted in the budget (part of the rules)
 
 # bf16 dense peak FLOP/s for MFU; first matching substring of the GPU name wins
+# (the PCIe H100/H800 run at lower clocks and power than the SXM parts: 756.5, not 989.5)
 GPU_PEAK_FLOPS = [
-    ("GH200", 989.5e12), ("H200", 989.5e12), ("H100", 989.5e12), ("H800", 989.5e12),
+    ("GH200", 989.5e12), ("H200", 989.5e12), ("H100 PCIe", 756.5e12), ("H800 PCIe", 756.5e12),
+    ("H100", 989.5e12), ("H800", 989.5e12),
     ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362.05e12), ("L40", 181e12),
     ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12),
 ]
 H100_PEAK_FLOPS = 989.5e12
+
+
+def gpu_peak_flops(gpu_name):
+    """The bf16 dense peak FLOP/s of the GPU called `gpu_name`, or None if the table lacks it."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in gpu_name), None)
 
 
 def main():
@@ -705,7 +713,7 @@ def main():
     attention_line = select_attention(device)
     if use_cuda:
         gpu_name = torch.cuda.get_device_name(device)
-        peak_flops = next((f for key, f in GPU_PEAK_FLOPS if key in gpu_name), None)
+        peak_flops = gpu_peak_flops(gpu_name)
         if peak_flops is None:
             peak_note = "unknown GPU: MFU is reported against the H100 peak (989.5 TFLOP/s)"
             peak_flops = H100_PEAK_FLOPS

@@ -277,8 +277,8 @@ def test_muon_groups_learning_rates_and_stack():
     assert sorted(tuple(g["params"][0].shape) for g in muon) == [(2, 32), (64, 64), (64, 256), (256, 64)]
     assert all(g["lr"] == 0.04 and g["weight_decay"] == 0.2 and g["beta2"] == 0.95 and g["ns_steps"] == 5
                for g in muon)
-    # two steps move every block matrix (the first only the zero-initialised output projections:
-    # everything before them has no gradient yet); tall matrices get lr * sqrt(rows / cols)
+    # two steps move every block matrix (in the first, the gradient is zero everywhere before the
+    # zero-initialised output projections: only weight decay moves those); tall matrices get lr * sqrt(rows / cols)
     seen = {}
     step = opt._muon_step
     def spy(grads, params, *args):
@@ -439,6 +439,11 @@ def test_model_window_is_half_the_context():
     assert windows[0] == (1024, 0) and windows[-1] == (2048, 0)
 
 
+def test_unknown_attention_backend_is_one_line():
+    with pytest.raises(SystemExit, match="AUTORESEARCH_ATTENTION='fa2': use fa3, flex or sdpa"):
+        train.select_attention("cpu", "fa2")
+
+
 # =============================================================================
 # The script: import, refusal without a GPU, smoke run
 # =============================================================================
@@ -482,6 +487,16 @@ def parse_summary(stdout):
         assert line[:18] == f"{key}:".ljust(18) and line[18] != " ", f"not padded to 18 columns: {line!r}"
         summary[key] = line[18:]
     return lines[start - 1], summary
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756.5e12), ("NVIDIA H200", 989.5e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA L40S", 362.05e12),
+    ("NVIDIA L4", 121e12), ("Tesla T4", None),
+])
+def test_gpu_peak_flops(name, peak):
+    # MFU is against the present GPU's bf16 dense peak; an H100 PCIe is not an SXM part
+    assert train.gpu_peak_flops(name) == peak
 
 
 def test_missing_data_names_the_prepare_command(tmp_path):
