@@ -344,7 +344,7 @@ class GPT(nn.Module):
         return 6 * matmul_params + attn_flops
 
     def setup_optimizer(self, unembedding_lr, embedding_lr, matrix_lr, scalar_lr, weight_decay,
-                        adam_betas, compiled=False):
+                        adam_betas, mode="eager"):
         """AdamW for embeddings, lm_head and scalars; Muon for every matrix inside the blocks."""
         # AdamW learning rates were tuned at width 768; scale them by 1/sqrt(width/768)
         scale = (self.config.n_embd / 768) ** -0.5
@@ -361,7 +361,7 @@ class GPT(nn.Module):
         for shape in sorted({p.shape for p in matrices}):
             groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
                                momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
-        optimizer = MuonAdamW(groups, compiled=compiled)
+        optimizer = MuonAdamW(groups, mode=mode)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
         return optimizer
@@ -539,45 +539,81 @@ class MuonAdamW(torch.optim.Optimizer):
     Every group says its kind: "adamw" (lr, betas, eps, weight_decay) or "muon" (lr,
     momentum, ns_steps, beta2, weight_decay; all params of one shape). A Muon group is
     stepped as one stacked (N, rows, cols) tensor with lr scaled by max(1, rows/cols)^0.5.
-    With compiled=True the two step kernels are torch.compile'd once; the scalars that
-    change every step are fed through 0-D CPU tensors filled in place, so nothing recompiles.
+    AdamW's bias correction counts the steps of its group.
+
+    The per-step numbers (lr, momentum, decay, betas, step count) reach the kernels as 0-d
+    views of one tensor on the params' device, refilled by a single copy each step, so no
+    kernel bakes a value in. That lets `mode` run the same step three ways:
+      "eager"      - plain PyTorch ops (CPU, and the reference for the other two);
+      "compiled"   - the two step functions torch.compile'd (the published way; ~17 s of
+                     compiling on a cold cache, and they never recompile as the numbers change);
+      "cuda_graph" - eager for the first GRAPH_AFTER_STEPS steps (state is created), then the
+                     whole step captured once as a CUDA graph and replayed: its few hundred
+                     small kernels launch as one, with nothing to compile. Call zero_grad() on
+                     the optimizer (it zeroes in place: the graph reads the gradients where
+                     they were at capture); gradients found elsewhere are copied there first.
     """
 
-    def __init__(self, param_groups, compiled=False):
+    GRAPH_AFTER_STEPS = 2
+    ADAMW_FIELDS = ("lr", "beta1", "beta2", "eps", "wd", "step")
+    MUON_FIELDS = ("lr", "momentum", "wd", "beta2")
+
+    def __init__(self, param_groups, mode="eager"):
         super().__init__(param_groups, defaults={})
+        assert mode in ("eager", "compiled", "cuda_graph"), f"mode={mode!r}: use eager, compiled or cuda_graph"
         for group in self.param_groups:
             assert group.get("kind") in ("adamw", "muon"), "every param group needs kind='adamw' or 'muon'"
             if group["kind"] == "muon":
                 assert len({p.shape for p in group["params"]}) == 1, "a muon group holds one shape"
                 assert group["params"][0].ndim == 2, "muon is for matrices"
-        scalar = lambda: torch.tensor(0.0, dtype=torch.float32, device="cpu")
-        self._adamw_t = {k: scalar() for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
-        self._muon_t = {k: scalar() for k in ("lr", "momentum", "wd", "beta2")}
-        compile_ = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True) if compiled else fn
+            group.setdefault("step", 0)
+        self.mode = mode
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        device = self._params[0].device
+        if mode == "cuda_graph":
+            assert device.type == "cuda", "mode='cuda_graph' needs the parameters on a CUDA device"
+        # one row of hyperparameters per group, staged on the host, copied to the device once a step
+        self._hyper = torch.zeros(len(self.param_groups), len(self.ADAMW_FIELDS), device=device)
+        self._hyper_host = torch.zeros(self._hyper.shape, pin_memory=device.type == "cuda")
+        self._hyper_copied = None  # CUDA event: the host-to-device copy of _hyper_host is done
+        compile_ = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True) if mode == "compiled" else fn
         self._adamw_step = compile_(adamw_step)
         self._muon_step = compile_(muon_step)
+        self._graph = None
+        self._graph_grads = None  # the gradient tensors the captured graph reads
 
-    def _step_adamw(self, group):
-        t = self._adamw_t
-        t["lr"].fill_(group["lr"])
-        t["beta1"].fill_(group["betas"][0])
-        t["beta2"].fill_(group["betas"][1])
-        t["eps"].fill_(group["eps"])
-        t["wd"].fill_(group["weight_decay"])
+    def _stage_hyperparameters(self):
+        rows = []
+        for group in self.param_groups:
+            group["step"] += 1
+            if group["kind"] == "adamw":
+                row = [group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["step"]]
+            else:
+                rows_, cols = group["params"][0].shape
+                row = [group["lr"] * max(1.0, rows_ / cols) ** 0.5, group["momentum"], group["weight_decay"],
+                       group["beta2"], 0.0, 0.0]
+            rows.append(row)
+        if self._hyper_copied is not None:
+            self._hyper_copied.synchronize()  # last step's copy has left the host buffer (normally long ago)
+        self._hyper_host.copy_(torch.tensor(rows, dtype=torch.float32))
+        self._hyper.copy_(self._hyper_host, non_blocking=True)
+        if self._hyper.is_cuda:
+            self._hyper_copied = torch.cuda.Event()
+            self._hyper_copied.record()
+
+    def _step_adamw(self, index, group):
+        t = dict(zip(self.ADAMW_FIELDS, self._hyper[index].unbind()))
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t["step"].fill_(state["step"])
             self._adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
                              t["step"], t["lr"], t["beta1"], t["beta2"], t["eps"], t["wd"])
 
-    def _step_muon(self, group):
+    def _step_muon(self, index, group):
         params = group["params"]
         if any(p.grad is None for p in params):
             return
@@ -589,24 +625,51 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype, device=params[0].device)
             moment_shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
             state["second_moment"] = torch.zeros(moment_shape, dtype=params[0].dtype, device=params[0].device)
-        t = self._muon_t
-        t["lr"].fill_(group["lr"] * max(1.0, rows / cols) ** 0.5)
-        t["momentum"].fill_(group["momentum"])
-        t["wd"].fill_(group["weight_decay"])
-        t["beta2"].fill_(group["beta2"])
+        t = dict(zip(self.MUON_FIELDS, self._hyper[index, :len(self.MUON_FIELDS)].unbind()))
         stacked_params = torch.stack(params)
         self._muon_step(torch.stack([p.grad for p in params]), stacked_params,
                         state["momentum_buffer"], state["second_moment"],
                         t["lr"], t["momentum"], t["wd"], t["beta2"], group["ns_steps"], red_dim)
         torch._foreach_copy_(params, list(stacked_params.unbind(0)))
 
+    def _step_groups(self):
+        for index, group in enumerate(self.param_groups):
+            if group["kind"] == "adamw":
+                self._step_adamw(index, group)
+            else:
+                self._step_muon(index, group)
+
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            if group["kind"] == "adamw":
-                self._step_adamw(group)
-            else:
-                self._step_muon(group)
+        self._stage_hyperparameters()
+        if self.mode != "cuda_graph" or self.param_groups[0]["step"] <= self.GRAPH_AFTER_STEPS:
+            self._step_groups()
+            return
+        grads = [p.grad for p in self._params]
+        if self._graph is None:
+            self._graph_grads = grads
+            self._graph = torch.cuda.CUDAGraph()
+            # Captured on the current stream when it is a side stream (main() runs on one): the
+            # graph then shares that stream's cuBLAS workspace instead of allocating its own.
+            # thread_local: the data loader's thread may call CUDA while this one captures.
+            stream = torch.cuda.current_stream()
+            stream = None if stream == torch.cuda.default_stream() else stream
+            with torch.cuda.graph(self._graph, stream=stream, capture_error_mode="thread_local"):
+                self._step_groups()
+        elif [g is None for g in grads] != [g is None for g in self._graph_grads]:
+            # a different set of parameters has gradients than at capture: the graph would be wrong
+            self._step_groups()
+            return
+        moved = [(kept, g) for kept, g in zip(self._graph_grads, grads) if g is not None and g is not kept]
+        if moved:
+            torch._foreach_copy_([kept for kept, _ in moved], [g for _, g in moved])
+        self._graph.replay()
+
+    def zero_grad(self, set_to_none=True):
+        """Like Optimizer.zero_grad; once a CUDA graph is captured, zero in place (it reads them there)."""
+        if self._graph is None:
+            return super().zero_grad(set_to_none=set_to_none)
+        torch._foreach_zero_([p.grad for p in self._params if p.grad is not None])
 
 
 # =============================================================================
@@ -678,6 +741,7 @@ def get_muon_weight_decay(progress):
 # =============================================================================
 
 UNTIMED_STEPS = 11   # steps 0..10 compile and warm up: not counted in the budget (part of the rules)
+OPTIMIZER_MODE = "cuda_graph"   # MuonAdamW on CUDA: "cuda_graph" (no compiling), "compiled" or "eager"
 
 # bf16 dense peak FLOP/s for MFU; first matching substring of the GPU name wins
 # (the PCIe H100/H800 run at lower clocks and power than the SXM parts: 756.5, not 989.5)
@@ -702,6 +766,9 @@ def main():
         print("train.py needs a CUDA GPU; for a CPU preflight run: AUTORESEARCH_SMOKE=1 uv run train.py")
         sys.exit(1)
     use_cuda = device.type == "cuda"
+    if use_cuda:
+        # All GPU work on one side stream, where MuonAdamW captures its CUDA graph (see there)
+        torch.cuda.set_stream(torch.cuda.Stream())
     torch.manual_seed(42)
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
@@ -754,7 +821,7 @@ def main():
 
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR,
                                       matrix_lr=MATRIX_LR, scalar_lr=SCALAR_LR, weight_decay=WEIGHT_DECAY,
-                                      adam_betas=ADAM_BETAS, compiled=use_cuda)
+                                      adam_betas=ADAM_BETAS, mode=OPTIMIZER_MODE if use_cuda else "eager")
     if use_cuda:
         compile_model(model)
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
@@ -786,7 +853,7 @@ def main():
                 group["momentum"] = get_muon_momentum(step)
                 group["weight_decay"] = get_muon_weight_decay(progress)
         optimizer.step()
-        model.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         train_loss = train_loss.item()
         if math.isnan(train_loss) or train_loss > 100:
             print(f"\nFAIL: loss {train_loss} at step {step}")

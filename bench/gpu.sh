@@ -6,7 +6,8 @@
 #   bash bench/gpu.sh train              # one default train.py run, cold compile cache
 #   BUDGET=60 bash bench/gpu.sh train    # same, TIME_BUDGET shortened in a scratch copy
 #   TRAIN_PY=old.py BUDGET=60 bash bench/gpu.sh train   # another version of train.py, same way
-#   bash bench/gpu.sh profile            # compile/eval/start-up costs and a kernel profile (random tokens)
+#   bash bench/gpu.sh profile [ARGS]     # compile/eval/start-up costs and a kernel profile (random tokens)
+#   bash bench/gpu.sh attention [JSON..] # FlexAttention compile + fwd/bwd time per kernel-options variant
 #
 # Overrides: OUT (where logs go, default ./bench_out), WORK (scratch, default
 # /tmp/autoresearch-bench), CORPUS_PY (default .bench/corpus.py, the bench
@@ -48,7 +49,18 @@ profile)
     shift
     cache="$WORK/compile-cache-$(date +%s)"
     TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton" \
-        python3 bench/step_profile.py "$@" 2>&1 | tee "$OUT/profile.log"
+        python3 bench/step_profile.py "$@" 2>&1 | tee -a "$OUT/profile.log"
+    ;;
+attention)
+    shift
+    [[ $# -gt 0 ]] || set -- '{}'
+    n=0
+    for options in "$@"; do
+        n=$((n + 1))
+        cache="$WORK/compile-cache-attention-$n-$(date +%s)"
+        TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton" \
+            python3 bench/attention.py --options "$options" 2>&1 | tee -a "$OUT/attention.log"
+    done
     ;;
 loader)
     python3 bench/loader.py --device cuda --B 128 --T 2048 --seconds 20 2>&1 | tee "$OUT/loader.log"
@@ -77,7 +89,7 @@ train)
     exit "$rc"
     ;;
 *)
-    sed -n '2,12p' "${BASH_SOURCE[0]}"
+    sed -n '2,13p' "${BASH_SOURCE[0]}"
     exit 1
     ;;
 esac

@@ -16,12 +16,14 @@ import time
 T_START = time.time()
 
 import argparse  # noqa: E402
+import ast  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
 
 import train  # noqa: E402
 
@@ -54,12 +56,32 @@ def main():
                         help="losses: train.compile_model (as train.py); whole: torch.compile(model), the published way")
     parser.add_argument("--mask", choices=["constant", "tensor"], default="constant",
                         help="flex window baked into the kernel (as train.py) or a captured tensor")
-    parser.add_argument("--eager-optimizer", action="store_true", help="MuonAdamW without torch.compile")
+    parser.add_argument("--optimizer", choices=["eager", "compiled", "cuda_graph"], default=None,
+                        help="MuonAdamW's mode (default: train.OPTIMIZER_MODE)")
     parser.add_argument("--no-grad-eval", action="store_true", help="also time evaluation under no_grad")
+    parser.add_argument("--nested", action="store_true",
+                        help="Block.forward as a torch.compiler.nested_compile_region (compiled once per block kind)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config.KEY (a Python literal), e.g. triton.autotune_pointwise=False")
+    parser.add_argument("--warm-pool", action="store_true",
+                        help="start inductor's compile workers at once, not at the first compile")
+    parser.add_argument("--compile-rows", type=int, default=45, help="rows of the compile-time table")
     args = parser.parse_args()
     print(f"variant: {vars(args)}")
     if args.mask == "tensor":
         window_as_tensor_masks()
+    if args.warm_pool:
+        from torch._inductor.async_compile import maybe_warm_pool
+        maybe_warm_pool()
+    if args.nested:
+        train.Block.forward = torch.compiler.nested_compile_region(train.Block.forward)
+    for setting in args.inductor:
+        key, value = setting.split("=", 1)
+        obj = torch._inductor.config
+        *path, last = key.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, last, ast.literal_eval(value))
 
     print(f"import torch + train: {time.time() - T_START:.1f} s")
     t0 = time.time()
@@ -78,7 +100,7 @@ def main():
     optimizer = model.setup_optimizer(unembedding_lr=train.UNEMBEDDING_LR, embedding_lr=train.EMBEDDING_LR,
                                       matrix_lr=train.MATRIX_LR, scalar_lr=train.SCALAR_LR,
                                       weight_decay=train.WEIGHT_DECAY, adam_betas=train.ADAM_BETAS,
-                                      compiled=not args.eager_optimizer)
+                                      mode=args.optimizer or train.OPTIMIZER_MODE)
     print(f"model + optimizer built: {time.time() - T_START:.1f} s since start", flush=True)
     run = train.compile_model(model) if args.compile == "losses" else torch.compile(model, dynamic=False)
     B, T = train.DEVICE_BATCH_SIZE, train.MAX_SEQ_LEN
@@ -96,23 +118,27 @@ def main():
         torch.cuda.synchronize()
         t0 = time.time()
         optimizer.step()
-        model.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         optimizer_seconds.append(time.time() - t0)
 
+    from torch._dynamo.utils import compile_times
     t0 = time.time()
     with autocast:
         loss = run(batches[0][:, :-1], batches[0][:, 1:])
     loss.backward()
     torch.cuda.synchronize()
     t1 = time.time()
+    names, values = compile_times(repr="csv", aggregate=True)
+    rows = sorted(zip(names, values), key=lambda nv: -float(nv[1]))[:args.compile_rows]
+    print(f"model compile, by phase (s, summed over its graphs; phases nest; of {t1 - t0:.1f} s):")
+    for name, value in rows:
+        print(f"  {float(value):8.2f}  {name}")
     optimizer.step()
-    model.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     print(f"first forward+backward (model compile): {t1 - t0:.1f} s; first optimizer step: {time.time() - t1:.1f} s",
           flush=True)
-    from torch._dynamo.utils import compile_times
-    print(compile_times(repr="str", aggregate=True)[:3000])
     torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(args.steps):

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -311,41 +312,77 @@ def test_muon_step_matches_its_parts():
     torch.testing.assert_close(params, exp_params, rtol=1e-5, atol=1e-6)
 
 
+def small_optimizer(mode, device="cpu"):
+    """An 8x4 AdamW matrix and two 16x8 Muon matrices, seeded, in a MuonAdamW of `mode`."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(8, 4, device=device))
+    ms = [torch.nn.Parameter(torch.randn(16, 8, device=device)) for _ in range(2)]
+    opt = MuonAdamW([dict(kind="adamw", params=[a], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
+                     dict(kind="muon", params=ms, lr=0.02, momentum=0.85, ns_steps=5, beta2=0.95,
+                          weight_decay=0.2)], mode=mode)
+    return [a, *ms], opt
+
+
+def set_schedule(opt, step, steps):
+    """lr, Muon momentum and weight decay as train.py moves them, `step` of `steps`."""
+    for group in opt.param_groups:
+        group["lr"] = 0.01 * (1 - step / (2 * steps)) if group["kind"] == "adamw" else 0.02 * (1 - step / (2 * steps))
+        if group["kind"] == "muon":
+            group["momentum"] = train.get_muon_momentum(step * 300 // steps)
+            group["weight_decay"] = train.get_muon_weight_decay(step / steps)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compiled_steps_match_eager_and_never_recompile():
     """The compiled step kernels: same numbers as eager, one graph each while lr/momentum/decay change."""
     from torch._dynamo.utils import counters
 
-    def make(compiled):
-        torch.manual_seed(0)
-        a = torch.nn.Parameter(torch.randn(8, 4))
-        ms = [torch.nn.Parameter(torch.randn(16, 8)) for _ in range(2)]
-        opt = MuonAdamW([dict(kind="adamw", params=[a], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
-                         dict(kind="muon", params=ms, lr=0.02, momentum=0.85, ns_steps=5, beta2=0.95,
-                              weight_decay=0.2)], compiled=compiled)
-        return [a, *ms], opt
-
-    runs = [make(compiled=False), make(compiled=True)]
+    runs = [small_optimizer("eager"), small_optimizer("compiled")]
     graphs_before = counters["stats"]["unique_graphs"]
     for step in range(4):
         grads = [torch.randn(8, 4), torch.randn(16, 8), torch.randn(16, 8)]
         for params, opt in runs:
             for p, g in zip(params, grads):
                 p.grad = g.clone()
-            for group in opt.param_groups:
-                group["lr"] = 0.01 * (1 - step / 8) if group["kind"] == "adamw" else 0.02 * (1 - step / 8)
-                if group["kind"] == "muon":
-                    group["momentum"] = train.get_muon_momentum(100 * step)
-                    group["weight_decay"] = train.get_muon_weight_decay(step / 4)
+            set_schedule(opt, step, 4)
             opt.step()
     (a_eager, *m_eager), (a_compiled, *m_compiled) = (params for params, _ in runs)
     torch.testing.assert_close(a_compiled, a_eager, rtol=1e-5, atol=1e-6)
     # Muon: Polar Express runs in bf16 and inductor keeps some intermediates in fp32, so the
     # iterations round differently; the updates agree to bf16-iteration noise, not bit for bit
-    start = make(compiled=False)[0][1:]  # the matrices as they were before the 4 steps
+    start = small_optimizer("eager")[0][1:]  # the matrices as they were before the 4 steps
     for s, e, c in zip(start, m_eager, m_compiled):
         assert (c - e).norm() < 0.2 * (e - s).norm()
     assert counters["stats"]["unique_graphs"] - graphs_before == 2  # adamw_step, muon_step: compiled once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("side_stream", [False, True])
+def test_cuda_graph_steps_match_eager_steps(side_stream):
+    """mode='cuda_graph' (eager steps, then one captured graph replayed) against mode='eager' on
+    the same GPU: same parameters after steps whose lr/momentum/decay change, with gradients
+    zeroed in place by the optimizer and, later, replaced by new tensors (copied in); from the
+    default stream (capture on a private stream) and from a side stream (as main() runs)."""
+    with torch.cuda.stream(torch.cuda.Stream()) if side_stream else nullcontext():
+        check_cuda_graph_steps()
+
+
+def check_cuda_graph_steps():
+    runs = [small_optimizer("eager", "cuda"), small_optimizer("cuda_graph", "cuda")]
+    for step in range(8):
+        grads = [torch.randn(8, 4, device="cuda"), torch.randn(16, 8, device="cuda"), torch.randn(16, 8, device="cuda")]
+        for params, opt in runs:
+            for p, g in zip(params, grads):
+                if step < 5 and p.grad is not None:
+                    p.grad.add_(g)  # accumulate into the zeroed gradient, as backward does
+                else:
+                    p.grad = g.clone()
+            set_schedule(opt, step, 8)
+            opt.step()
+            opt.zero_grad()
+        for a, b in zip(*(params for params, _ in runs)):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"step {step}")
+    assert runs[1][1]._graph is not None  # the graph was captured and replayed
 
 
 # =============================================================================
