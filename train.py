@@ -665,6 +665,11 @@ class MuonAdamW(torch.optim.Optimizer):
             torch._foreach_copy_([kept for kept, _ in moved], [g for _, g in moved])
         self._graph.replay()
 
+    def release_graph(self):
+        """Drop the captured graph and its hold on the gradients (after training); the next
+        step() in mode 'cuda_graph' captures again."""
+        self._graph = self._graph_grads = None
+
     def zero_grad(self, set_to_none=True):
         """Like Optimizer.zero_grad; once a CUDA graph is captured, zero in place (it reads them there)."""
         if self._graph is None:
@@ -895,6 +900,10 @@ def main():
     # -------------------------------------------------------------------------
     # No model.eval(): there is no dropout or batch norm, and flipping `training` would make
     # torch.compile rebuild every graph before the evaluation.
+    # Training is over: free the gradients (the optimizer's CUDA graph holds on to them) so they
+    # do not sit on top of the evaluation's activations.
+    optimizer.release_graph()
+    optimizer.zero_grad(set_to_none=True)
     t_eval = time.time()
     with autocast:
         val_bpb = evaluate_bpb(TrainingGraphEval(model) if use_cuda else model, tokenizer, DEVICE_BATCH_SIZE)

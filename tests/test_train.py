@@ -382,7 +382,13 @@ def check_cuda_graph_steps():
             opt.zero_grad()
         for a, b in zip(*(params for params, _ in runs)):
             torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"step {step}")
-    assert runs[1][1]._graph is not None  # the graph was captured and replayed
+    graphed = runs[1][1]
+    assert graphed._graph is not None  # the graph was captured and replayed
+    graphed.zero_grad()
+    assert all(p.grad is not None for p in runs[1][0])  # zeroed in place: the graph reads them there
+    graphed.release_graph()
+    graphed.zero_grad()
+    assert graphed._graph is None and all(p.grad is None for p in runs[1][0])  # now they can be freed
 
 
 # =============================================================================
