@@ -552,6 +552,8 @@ class MuonAdamW(torch.optim.Optimizer):
                      small kernels launch as one, with nothing to compile. Call zero_grad() on
                      the optimizer (it zeroes in place: the graph reads the gradients where
                      they were at capture); gradients found elsewhere are copied there first.
+                     It captures again when what the graph baked in changes: which params
+                     have gradients, where the params live, ns_steps, a loaded state dict.
     """
 
     GRAPH_AFTER_STEPS = 2
@@ -581,6 +583,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self._muon_step = compile_(muon_step)
         self._graph = None
         self._graph_grads = None  # the gradient tensors the captured graph reads
+        self._graph_key_captured = None
 
     def _stage_hyperparameters(self):
         rows = []
@@ -639,36 +642,66 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 self._step_muon(index, group)
 
+    def _state_ready(self):
+        """Every parameter that will be stepped has its state: creating it inside a capture
+        would make each replay zero it again."""
+        for group in self.param_groups:
+            stepped = [p for p in group["params"] if p.grad is not None]
+            if group["kind"] == "adamw":
+                owners = stepped
+            else:  # a Muon group steps only when all its matrices have gradients; its state is on the first
+                owners = group["params"][:1] if len(stepped) == len(group["params"]) else []
+            if any(not self.state[p] for p in owners):
+                return False
+        return True
+
+    def _graph_key(self):
+        """What a captured graph bakes in besides tensor contents: which parameters have
+        gradients, where the parameters live, the Muon iteration counts."""
+        return (tuple(p.grad is None for p in self._params), tuple(p.data_ptr() for p in self._params),
+                tuple(group.get("ns_steps") for group in self.param_groups))
+
+    def _capture(self):
+        graph = torch.cuda.CUDAGraph()
+        # Captured on the current stream when it is a side stream (main() runs on one): the
+        # graph then shares that stream's cuBLAS workspace instead of allocating its own.
+        # thread_local: the data loader's thread may call CUDA while this one captures.
+        stream = torch.cuda.current_stream()
+        stream = None if stream == torch.cuda.default_stream() else stream
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            self._step_groups()
+        return graph
+
     @torch.no_grad()
     def step(self):
         self._stage_hyperparameters()
         if self.mode != "cuda_graph" or self.param_groups[0]["step"] <= self.GRAPH_AFTER_STEPS:
             self._step_groups()
             return
-        grads = [p.grad for p in self._params]
+        key = self._graph_key()
+        if self._graph is not None and key != self._graph_key_captured:
+            self.release_graph()  # something the graph baked in has changed: capture again
         if self._graph is None:
-            self._graph_grads = grads
-            self._graph = torch.cuda.CUDAGraph()
-            # Captured on the current stream when it is a side stream (main() runs on one): the
-            # graph then shares that stream's cuBLAS workspace instead of allocating its own.
-            # thread_local: the data loader's thread may call CUDA while this one captures.
-            stream = torch.cuda.current_stream()
-            stream = None if stream == torch.cuda.default_stream() else stream
-            with torch.cuda.graph(self._graph, stream=stream, capture_error_mode="thread_local"):
+            if not self._state_ready():
                 self._step_groups()
-        elif [g is None for g in grads] != [g is None for g in self._graph_grads]:
-            # a different set of parameters has gradients than at capture: the graph would be wrong
-            self._step_groups()
-            return
-        moved = [(kept, g) for kept, g in zip(self._graph_grads, grads) if g is not None and g is not kept]
+                return
+            self._graph_grads = [p.grad for p in self._params]
+            self._graph_key_captured = key
+            self._graph = self._capture()  # records the step; the replay below runs it
+        moved = [(kept, p.grad) for kept, p in zip(self._graph_grads, self._params)
+                 if p.grad is not None and p.grad is not kept]
         if moved:
             torch._foreach_copy_([kept for kept, _ in moved], [g for _, g in moved])
         self._graph.replay()
 
+    def load_state_dict(self, state_dict):
+        self.release_graph()  # the graph points at the state tensors about to be replaced
+        super().load_state_dict(state_dict)
+
     def release_graph(self):
         """Drop the captured graph and its hold on the gradients (after training); the next
         step() in mode 'cuda_graph' captures again."""
-        self._graph = self._graph_grads = None
+        self._graph = self._graph_grads = self._graph_key_captured = None
 
     def zero_grad(self, set_to_none=True):
         """Like Optimizer.zero_grad; once a CUDA graph is captured, zero in place (it reads them there)."""

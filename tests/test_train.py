@@ -6,6 +6,7 @@ backends and the smoke run end to end. Hermetic: no network, no ~/.cache.
     uv run pytest tests/test_train.py -k "not smoke"   # the fast part only
 """
 
+import copy
 import math
 import os
 import re
@@ -389,6 +390,59 @@ def check_cuda_graph_steps():
     graphed.release_graph()
     graphed.zero_grad()
     assert graphed._graph is None and all(p.grad is None for p in runs[1][0])  # now they can be freed
+
+
+class ReplayByRerun(MuonAdamW):
+    """MuonAdamW in mode 'cuda_graph' whose "graph" reruns the eager step on replay: on a CPU
+    it shows when step() captures, captures again, or steps eagerly."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mode, self.captures = "cuda_graph", []
+
+    def _capture(self):
+        self.captures.append(self.param_groups[0]["step"])
+        optimizer = self
+
+        class Graph:
+            def replay(self):
+                optimizer._step_groups()
+        return Graph()
+
+
+def test_cuda_graph_mode_captures_when_ready_and_again_when_its_inputs_change():
+    def make(cls):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(5))
+        ms = [torch.nn.Parameter(torch.randn(16, 8)) for _ in range(2)]
+        opt = cls([dict(kind="adamw", params=[a], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
+                   dict(kind="adamw", params=[b], lr=0.02, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
+                   dict(kind="muon", params=ms, lr=0.02, momentum=0.85, ns_steps=5, beta2=0.95, weight_decay=0.2)])
+        return [a, b, *ms], opt
+
+    (params, opt), (ref_params, ref) = make(ReplayByRerun), make(MuonAdamW)
+    saved = None
+    for step in range(1, 10):
+        grads = [torch.randn(8, 4), torch.randn(5), torch.randn(16, 8), torch.randn(16, 8)]
+        if step < 3 or step == 7:
+            grads[1] = None  # b: no gradient in the eager steps (its state is created at step 3), none at 7
+        if step == 6:
+            for o in (opt, ref):
+                o.param_groups[2]["ns_steps"] = 3
+        if step == 8:  # each loads its own copy (load_state_dict keeps the tensors it is given)
+            opt.load_state_dict(copy.deepcopy(saved))
+            ref.load_state_dict(copy.deepcopy(saved))
+        for ps, o in ((params, opt), (ref_params, ref)):
+            for p, g in zip(ps, grads):
+                p.grad = None if g is None else g.clone()
+            o.step()
+            o.zero_grad()
+        saved = ref.state_dict()
+        for x, y in zip(params, ref_params):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"step {step}")
+    # 1-2 eager; 3: b's state does not exist yet, eager; 4: capture; 6: ns_steps changed;
+    # 7: b has no gradient; 8: b has one again and a state dict was loaded (one capture)
+    assert opt.captures == [4, 6, 7, 8]
 
 
 # =============================================================================
