@@ -156,11 +156,15 @@ def attention(q, k, v, window_size):
     elif left >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
-        i = torch.arange(T, device=q.device)
-        distance = i[:, None] - i[None, :]  # (T, T): query index minus key index
-        mask = (distance >= 0) & (distance <= left)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, left, q.device), enable_gqa=gqa)
     return y.transpose(1, 2)  # (B, T, H, D)
+
+
+def window_mask(T, left, device):
+    """(T, T) bool: query i may see key j when 0 <= i - j <= left."""
+    i = torch.arange(T, device=device)
+    distance = i[:, None] - i[None, :]  # query index minus key index
+    return (distance >= 0) & (distance <= left)
 
 
 # =============================================================================

@@ -31,10 +31,7 @@ import train  # noqa: E402
 
 def masked_reference(q, k, v, left):
     """Exact sliding-window attention in float32: (B, H, T, D) in, (B, H, T, D) out."""
-    T = q.size(2)
-    i = torch.arange(T, device=q.device)
-    distance = i[:, None] - i[None, :]
-    mask = (distance >= 0) & (distance <= left)
+    mask = train.window_mask(q.size(2), left, q.device)
     return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
 
 

@@ -313,15 +313,19 @@ def test_muon_step_matches_its_parts():
     torch.testing.assert_close(params, exp_params, rtol=1e-5, atol=1e-6)
 
 
-def small_optimizer(mode, device="cpu"):
-    """An 8x4 AdamW matrix and two 16x8 Muon matrices, seeded, in a MuonAdamW of `mode`."""
+def small_optimizer(mode, device="cpu", cls=MuonAdamW, vector=False):
+    """An 8x4 AdamW matrix (with vector=True also a 5-vector, its own AdamW group) and two 16x8
+    Muon matrices, seeded, in a `cls` (MuonAdamW or a subclass) of `mode`."""
     torch.manual_seed(0)
+    adamw = dict(kind="adamw", betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
     a = torch.nn.Parameter(torch.randn(8, 4, device=device))
     ms = [torch.nn.Parameter(torch.randn(16, 8, device=device)) for _ in range(2)]
-    opt = MuonAdamW([dict(kind="adamw", params=[a], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
-                     dict(kind="muon", params=ms, lr=0.02, momentum=0.85, ns_steps=5, beta2=0.95,
-                          weight_decay=0.2)], mode=mode)
-    return [a, *ms], opt
+    b = [torch.nn.Parameter(torch.randn(5, device=device))] if vector else []
+    groups = [dict(adamw, params=[a], lr=0.01)]
+    if vector:
+        groups.append(dict(adamw, params=b, lr=0.02))
+    groups.append(dict(kind="muon", params=ms, lr=0.02, momentum=0.85, ns_steps=5, beta2=0.95, weight_decay=0.2))
+    return [a, *b, *ms], cls(groups, mode=mode)
 
 
 def set_schedule(opt, step, steps):
@@ -411,16 +415,8 @@ class ReplayByRerun(MuonAdamW):
 
 
 def test_cuda_graph_mode_captures_when_ready_and_again_when_its_inputs_change():
-    def make(cls):
-        torch.manual_seed(0)
-        a, b = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(5))
-        ms = [torch.nn.Parameter(torch.randn(16, 8)) for _ in range(2)]
-        opt = cls([dict(kind="adamw", params=[a], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
-                   dict(kind="adamw", params=[b], lr=0.02, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
-                   dict(kind="muon", params=ms, lr=0.02, momentum=0.85, ns_steps=5, beta2=0.95, weight_decay=0.2)])
-        return [a, b, *ms], opt
-
-    (params, opt), (ref_params, ref) = make(ReplayByRerun), make(MuonAdamW)
+    (params, opt), (ref_params, ref) = (small_optimizer("eager", cls=cls, vector=True)
+                                        for cls in (ReplayByRerun, MuonAdamW))
     saved = None
     for step in range(1, 10):
         grads = [torch.randn(8, 4), torch.randn(5), torch.randn(16, 8), torch.randn(16, 8)]
