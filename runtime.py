@@ -1,0 +1,424 @@
+"""
+The run's machinery: what train.py calls but never researches. DO NOT MODIFY.
+
+Like prepare.py and constants.py this is the fixed harness: agents edit train.py
+only, and prepare.py records this file's fingerprint so an edit is caught before
+training (see `prepare.verify_data`). It reads top to bottom:
+
+    attention kernels  -> one decision (FA4 / FA3 / FlexAttention / sdpa), one function
+    GPU facts          -> the device, its bf16 peak for MFU
+    guards             -> an edit that would be silently dropped stops the run
+    fitting to memory  -> the micro-batch lowered until the first step fits
+    run identity       -> the lines printed before training, the failure lines
+
+train.py makes one call per piece. It never imports train.py; nothing here is
+heavy at import: kernels load when `select_attention` runs.
+"""
+
+import contextlib
+import gc
+import importlib.util
+import os
+import socket
+import sys
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+# =============================================================================
+# Attention kernels: one backend decision, one function
+# =============================================================================
+#
+# Every layer calls `attention(q, k, v, window_size)`. Which kernel computes it is
+# decided once, by `select_attention()`, first choice first:
+#   fa4  - FlashAttention-4 (CuTe DSL kernels, PyPI `flash-attn-4`) through
+#          FlexAttention's FLASH backend (Hopper and Blackwell)
+#   fa3  - Flash Attention 3 from the Hugging Face hub via `kernels` (other GPUs)
+#   flex - FlexAttention with its Triton kernels, the same sliding windows (any CUDA GPU)
+#   sdpa - exact masked attention with F.scaled_dot_product_attention (CPU)
+# All four compute the same function. AUTORESEARCH_ATTENTION=fa4|fa3|flex|sdpa forces one.
+
+BACKENDS = ("fa4", "fa3", "flex", "sdpa")
+
+_backend = None      # one of BACKENDS, set by select_attention()
+_fa3 = None          # the flash_attn_interface module when the backend is fa3
+_flex = None         # flex_attention, compiled on CUDA
+_flex_options = None # FlexAttention kernel options: {"BACKEND": "FLASH"} for fa4
+_block_masks = {}    # (T, left window, device type) -> BlockMask, built outside torch.compile
+
+
+def _hub_reachable(timeout=3.0):
+    """A TCP connect to the hub: without network, fail in seconds instead of minutes of retries."""
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # a direct connect says nothing behind a proxy; let the hub client try
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _fa4_unavailable(device):
+    """None when FlashAttention-4 can serve `device`, else why not (one phrase)."""
+    if device.type != "cuda":
+        return "no CUDA device"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        return f"FA4 serves Hopper and Blackwell (sm_90, sm_100), this GPU is sm_{major}x"
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        return "the `flash-attn-4` package is not installed"
+    return None
+
+
+def _load_fa3():
+    """Return (flash_attn_interface module, None) or (None, why it could not be had)."""
+    try:
+        import kernels
+    except ImportError:
+        return None, "the `kernels` package is not installed"
+    major, _ = torch.cuda.get_device_capability()
+    # varunneal's build is the fast one on Hopper; the community build covers other GPUs.
+    repo = "varunneal/flash-attention-3" if major == 9 else "kernels-community/flash-attn3"
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    if not offline and not _hub_reachable():
+        return None, "the Hugging Face hub is unreachable"
+    # kernels >= 0.12 needs a version (a v<N> branch) or a revision, and an explicit
+    # trust decision for publishers it does not know: we trust exactly this one repo.
+    errors = []
+    for pin in (dict(version=1), dict(revision="main")):
+        try:
+            module = kernels.get_kernel(repo, trust_remote_code=[repo], **pin)
+            return getattr(module, "flash_attn_interface", module), None
+        except Exception as e:  # any failure here just means "no FA3"
+            errors.append(f"{pin}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return None, f"{repo} could not be loaded ({'; '.join(errors)})"
+
+
+def select_attention(device, prefer=None):
+    """Pick the attention backend for `device` once; return a one-line description that
+    names the backend and why each earlier choice was skipped."""
+    global _backend, _fa3, _flex, _flex_options
+    prefer = prefer or os.environ.get("AUTORESEARCH_ATTENTION", "auto")
+    if prefer not in ("auto", *BACKENDS):  # a user's setting: one line, not a traceback
+        raise SystemExit(f"attention: AUTORESEARCH_ATTENTION={prefer!r}: use {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    skipped = []
+    if prefer in ("auto", "fa4"):
+        why = _fa4_unavailable(device)
+        if why is None:
+            _backend, _flex_options = "fa4", {"BACKEND": "FLASH"}
+            _flex = torch.compile(flex_attention, dynamic=False)
+            _fa4_persistent_cache()
+            return "fa4 (FlashAttention-4 through FlexAttention's FLASH backend)"
+        if prefer == "fa4":
+            raise SystemExit(f"attention: fa4 was asked for, but {why}")
+        skipped.append(f"no FA4: {why}")
+    if prefer in ("auto", "fa3"):
+        why = "no CUDA device"
+        if device.type == "cuda":
+            _fa3, why = _load_fa3()
+        if _fa3 is not None:
+            _backend = "fa3"
+            return "; ".join(["fa3 (Flash Attention 3 via kernels)", *skipped])
+        if prefer == "fa3":
+            raise SystemExit(f"attention: fa3 was asked for, but {why}")
+        skipped.append(f"no FA3: {why}")
+    if prefer == "flex" or (prefer == "auto" and device.type == "cuda"):
+        # Compiled, flex_attention is a fused sliding-window kernel; eager it is a slow reference.
+        # (FlexAttention has no backward on CPU: there it is only good for forward checks.)
+        _flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+        _backend, _flex_options = "flex", None
+        return "; ".join(["flex (PyTorch FlexAttention, Triton kernels, same windows)", *skipped])
+    _backend = "sdpa"
+    return "; ".join(["sdpa (exact masked attention)", *skipped])
+
+
+def _fa4_persistent_cache():
+    """FA4 compiles its CuTe kernels on first use (~20 s); keep them on disk between runs,
+    so only a machine's first run pays, and an edit to the model never recompiles attention."""
+    os.environ.setdefault("CUTE_DSL_CACHE_DIR", os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "autoresearch", "cute_dsl"))
+
+
+def attention_backend():
+    """The backend select_attention() chose, or None before it ran."""
+    return _backend
+
+
+def prepare_attention(seq_len, window_sizes, device):
+    """Build FlexAttention's block masks before torch.compile sees the model (no-op otherwise)."""
+    if _backend in ("fa4", "flex"):
+        for left, _ in window_sizes:
+            _flex_block_mask(seq_len, left, torch.device(device))
+
+
+def _flex_block_mask(T, left, device):
+    key = (T, left, device.type)  # "cuda", not "cuda:0": the model and prepare_attention hit one entry
+    if key not in _block_masks:
+        def sliding_window(b, h, q_idx, kv_idx):
+            # query i sees key j when j <= i and i - j <= left: itself and the `left` tokens before it
+            return (kv_idx <= q_idx) & (q_idx - kv_idx <= left)
+
+        _block_masks[key] = create_block_mask(sliding_window, None, None, T, T, device=device)
+    return _block_masks[key]
+
+
+def attention(q, k, v, window_size):
+    """Causal attention with a sliding window: query i sees keys i-left .. i.
+
+    q: (B, T, H, D); k, v: (B, T, H_kv, D) with H a multiple of H_kv.
+    window_size: (left, 0) as in flash-attn; left >= T - 1 means full causal attention.
+    Returns (B, T, H, D).
+    """
+    if _backend is None:
+        select_attention(q.device)
+    if _backend == "fa3":
+        y = _fa3.flash_attn_func(q, k, v, causal=True, window_size=window_size)
+        return y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the softmax LSE
+    B, T, H, D = q.shape
+    left = window_size[0]
+    gqa = k.size(2) != H
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    if _backend in ("fa4", "flex"):
+        # inside the compiled model the plain op is captured and fused; called eagerly, use the compiled one
+        flex = flex_attention if torch.compiler.is_compiling() else _flex
+        y = flex(q, k, v, block_mask=_flex_block_mask(T, left, q.device), enable_gqa=gqa,
+                 kernel_options=_flex_options)
+    elif left >= T - 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, left, q.device), enable_gqa=gqa)
+    return y.transpose(1, 2)  # (B, T, H, D)
+
+
+def window_mask(T, left, device):
+    """(T, T) bool: query i may see key j when 0 <= i - j <= left."""
+    i = torch.arange(T, device=device)
+    distance = i[:, None] - i[None, :]  # query index minus key index
+    return (distance >= 0) & (distance <= left)
+
+# =============================================================================
+# GPU facts
+# =============================================================================
+
+# Dense bf16 tensor-core peak FLOP/s (FP32 accumulate) for MFU. The first key that is a
+# substring of torch.cuda.get_device_name() wins, so the more specific names come first.
+# Sources: NVIDIA's datasheets (H100/H200, A100, A10, L4, L40/L40S, B200/GB200 as
+# DGX/HGX system figures per GPU) and architecture whitepapers (Ampere GA102,
+# Ada AD102, Blackwell GB202) for the GeForce cards; sparse figures halved.
+GPU_PEAK_FLOPS = [
+    ("GH200", 989.5e12),        # H100/H200 datasheet: 989.5 dense (1,979 sparse)
+    ("GB200", 2500e12),         # GB200 NVL72: 360 PFLOP/s sparse / 72 GPUs / 2
+    ("B200", 2250e12),          # HGX B200: 36 PFLOP/s sparse / 8 GPUs / 2
+    ("H200", 989.5e12),         # H200 SXM datasheet (the NVL part is 835.5, below)
+    ("H100 NVL", 835.5e12),     # H100 NVL datasheet: 1,671 sparse
+    ("H200 NVL", 835.5e12),
+    ("H100 PCIe", 756.5e12),    # H100 PCIe datasheet: 1,513 sparse (lower clocks and power)
+    ("H800 PCIe", 756.5e12),
+    ("H100", 989.5e12),         # H100 SXM datasheet: 1,979 sparse
+    ("H800", 989.5e12),
+    ("A100", 312e12),           # A100 datasheet, 40 and 80 GB, SXM and PCIe: 312 dense
+    ("A800", 312e12),
+    ("L40S", 362.05e12),        # L40S datasheet: 733 sparse
+    ("L40", 181.05e12),         # L40 datasheet: 362.1 sparse
+    ("L4", 121e12),             # L4 datasheet: 242 sparse
+    ("A10G", 70e12),            # AWS A10G: a lower-clocked A10 (AWS G5 documentation)
+    ("A10", 125e12),            # A10 datasheet: 250 sparse
+    ("RTX 5090", 209.5e12),     # Blackwell GeForce whitepaper: FP16/BF16 with FP32 accumulate
+    ("RTX 4090", 165.2e12),     # Ada whitepaper: FP16/BF16 with FP32 accumulate
+    ("RTX 3090", 71e12),        # Ampere GA102 whitepaper: FP16/BF16 with FP32 accumulate
+]
+H100_PEAK_FLOPS = 989.5e12   # the published yardstick, for GPUs the table lacks
+
+
+def gpu_peak_flops(gpu_name):
+    """The bf16 dense peak FLOP/s of the GPU called `gpu_name`, or None if the table lacks it."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in gpu_name), None)
+
+
+def pick_device(smoke):
+    """The run's device: CUDA; a CPU only in a smoke run. Else one line and exit 1."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        # All GPU work on one side stream: cuBLAS keeps one workspace for it, and nothing
+        # else (the loader's thread) serialises against the default stream.
+        torch.cuda.set_stream(torch.cuda.Stream())
+        return device
+    if not smoke:
+        raise SystemExit("train.py needs a CUDA GPU; for a CPU smoke run: AUTORESEARCH_SMOKE=1 uv run train.py")
+    return torch.device("cpu")
+
+
+def describe_device(device):
+    """(name, bf16 peak FLOP/s or None, a note for the identity line)."""
+    if device.type != "cuda":
+        return f"none (CPU, {torch.get_num_threads()} threads)", None, "MFU not measured"
+    name = torch.cuda.get_device_name(device)
+    peak = gpu_peak_flops(name)
+    if peak is None:
+        return name, H100_PEAK_FLOPS, "unknown GPU: MFU is reported against the H100 peak (989.5 TFLOP/s)"
+    return name, peak, f"bf16 peak {peak / 1e12:.1f} TFLOP/s"
+
+# =============================================================================
+# Guards: an agent's edit takes effect or stops the run
+# =============================================================================
+
+
+class RunError(SystemExit):
+    """A problem found before training: one line, exit code 1, no traceback."""
+
+    def __init__(self, message):
+        super().__init__(f"FAIL: {message}")
+
+
+def check_param_groups(model, optimizer):
+    """Every trainable parameter of the model is in exactly one optimizer group, and the
+    optimizer holds nothing else: a parameter left out would silently never train."""
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    seen = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    missing = [name for key, name in trainable.items() if key not in seen]
+    twice = [names.get(key, "a tensor not in the model") for key, n in seen.items() if n > 1]
+    foreign = [key for key in seen if key not in names]
+    if missing:
+        raise RunError(f"parameter(s) in no optimizer group, they would never train: {', '.join(missing)} "
+                       f"(add them to a group in setup_optimizer)")
+    if twice:
+        raise RunError(f"parameter(s) in more than one optimizer group: {', '.join(twice)}")
+    if foreign:
+        raise RunError(f"{len(foreign)} optimizer parameter(s) are not parameters of the model")
+
+# =============================================================================
+# Fitting the micro-batch to memory
+# =============================================================================
+
+
+def is_out_of_memory(error):
+    # OOM also surfaces wrapped, e.g. from inside torch.compile's autotuning
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def smaller_micro_batches(rows_per_step, micro_batch):
+    """The micro-batches to try, largest first: `micro_batch` (the ceiling), then halves,
+    each dividing rows_per_step so gradient accumulation keeps the step's tokens exact."""
+    sizes = []
+    size = micro_batch
+    while size >= 1:
+        while rows_per_step % size:
+            size -= 1
+        if not sizes or size < sizes[-1]:
+            sizes.append(size)
+        size //= 2
+    return sizes
+
+
+def fit_micro_batch(first_step, micro_batch, rows_per_step):
+    """Run `first_step(micro_batch)`, the run's step 0, which allocates all it will hold.
+
+    When it runs out of memory, free everything, and run it again from scratch with the
+    next smaller micro-batch (gradient accumulation makes up the rest: the optimizer
+    step's tokens and math are the same). When it fits at once nothing is probed.
+    Returns (first_step's result, the micro-batch that fits, the announcement or None).
+    An out-of-memory at a micro-batch of 1 is raised as it is.
+    """
+    global _micro_batch
+    sizes = smaller_micro_batches(rows_per_step, micro_batch)
+    for i, size in enumerate(sizes):
+        _micro_batch = size
+        try:
+            result = first_step(size)
+        except Exception as e:
+            if not is_out_of_memory(e) or i + 1 == len(sizes):
+                raise
+            del e  # its traceback holds the failed attempt's tensors
+            release_memory()
+            continue
+        note = None
+        if size != micro_batch:
+            note = (f"DEVICE_BATCH_SIZE={micro_batch} does not fit this GPU's memory: "
+                    f"micro-batch {size}, accumulation x{rows_per_step // size}")
+        return result, size, note
+    raise AssertionError("unreachable: the last size raises")
+
+
+def release_memory():
+    """Free what a failed attempt left: compiled graphs, cached blocks, Python garbage."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+_micro_batch = None  # the micro-batch in use, for the out-of-memory line
+
+
+@contextlib.contextmanager
+def out_of_memory_exit():
+    """Around main(): an out-of-memory anywhere is one FAIL line naming what to lower, exit 1."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"\n{out_of_memory_line(_micro_batch)}", flush=True)
+        sys.exit(1)
+
+
+def out_of_memory_line(micro_batch):
+    if micro_batch is None or micro_batch > 1:
+        return (f"FAIL: CUDA out of memory. Lower DEVICE_BATCH_SIZE (now {micro_batch}); "
+                f"gradient accumulation keeps TOTAL_BATCH_SIZE the same.")
+    return ("FAIL: CUDA out of memory, even at a micro-batch of 1: the model does not fit this GPU. "
+            "Lower DEPTH or ASPECT_RATIO.")
+
+# =============================================================================
+# Evaluation through the training graphs
+# =============================================================================
+
+
+class TrainingGraphEval(torch.nn.Module):
+    """Evaluate with the compiled training graphs: `model(x, y, reduction)` under autograd.
+
+    evaluate_bpb() runs under no_grad, where torch.compile would build a second,
+    inference-only set of graphs (many seconds on a cold cache) for a single pass over
+    the validation set. Switching autograd back on for the forward reuses the graphs
+    already compiled for training; the result is detached, so each batch's saved
+    activations are freed at once. Same function, same numbers.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, reduction="none"):
+        with torch.enable_grad():
+            return self.model(x, y, reduction=reduction).detach()
+
+
+def evaluation_model(model):
+    """What evaluate_bpb should call: the training graphs on CUDA, the model itself on a CPU."""
+    return TrainingGraphEval(model) if next(model.parameters()).is_cuda else model
+
+# =============================================================================
+# Run identity (printed before training: what a reader needs to trust the number)
+# =============================================================================
+
+
+def print_identity(lines):
+    """`name: value` lines, names padded to one column, flushed (a crash right after still shows them)."""
+    for name, value in lines:
+        print(f"{name + ':':<13}{value}")
+    sys.stdout.flush()
+
+
+def fingerprint_line(fingerprints):
+    harness = " ".join(f"{name}={sha}" for name, sha in fingerprints.get("harness", {}).items())
+    return (f"val={fingerprints['val']} tokenizer={fingerprints['tokenizer']} "
+            f"train_shards={fingerprints['train_shards']}" + (f" | harness {harness}" if harness else ""))
