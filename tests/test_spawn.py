@@ -7,12 +7,15 @@ Each test copies spawn.sh and a minimal program.md into a fresh git repo under
 tmp_path and drives `bash spawn.sh ...` there. AUTORESEARCH_AGENT_CMD points
 at a small bash script that records what its pane sees (CUDA_VISIBLE_DEVICES,
 working directory, last argument = the prompt), appends a row to results.tsv,
-shows a `> ` prompt and waits. Every test uses its own tmux server
-(TMUX_SOCKET -> `tmux -L`), killed afterwards, so the user's tmux is never
-touched. Needs git and tmux; no GPU.
+shows a `> ` prompt and waits. A stand-in `nvidia-smi` on PATH lists 8 GPUs.
+Every test uses its own tmux server (TMUX_SOCKET -> `tmux -L`), killed
+afterwards, so the user's tmux is never touched. Needs git and tmux (the tests
+fail without them; .ci/run installs tmux); no GPU. The --slurm mode is tested
+against a real one-node cluster in test_slurm.py.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -22,11 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SPAWN = REPO / "spawn.sh"
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("tmux") is None or shutil.which("git") is None,
-    reason="spawn.sh tests need tmux and git (.ci/run installs tmux)",
-)
+PROMPT = "Read program.md and follow the instructions."
 
 STAND_IN = r"""#!/usr/bin/env bash
 # Stand-in agent: $1 = folder for its report; the prompt is the last argument.
@@ -67,8 +66,12 @@ class Sandbox:
         (self.repo / ".venv" / "marker").write_text("venv\n")
         agent = tmp_path / "agent.sh"
         agent.write_text(STAND_IN)
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        self.fake_nvidia_smi(8)
         self.env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE", "CUDA_VISIBLE_DEVICES")}
         self.env.update(
+            PATH=f"{self.bin}:{os.environ['PATH']}",
             TMUX_SOCKET=socket,
             WATCH_INTERVAL="600",
             AUTORESEARCH_AGENT_CMD=f"bash {agent} {self.out}",
@@ -79,6 +82,15 @@ class Sandbox:
         git(self.repo, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "add", "-A")
         git(self.repo, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "init")
         self.head = git(self.repo, "rev-parse", "HEAD")
+
+    def fake_nvidia_smi(self, n_gpus):
+        """`nvidia-smi -L` of a machine with <n_gpus> GPUs (None: no nvidia-smi)."""
+        tool = self.bin / "nvidia-smi"
+        tool.unlink(missing_ok=True)
+        if n_gpus is not None:
+            lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})\\n" for i in range(n_gpus))
+            tool.write_text(f"#!/usr/bin/env bash\nprintf '{lines}'\n")
+            tool.chmod(0o755)
 
     def spawn(self, *args, **env):
         e = dict(self.env)
@@ -129,6 +141,9 @@ def alive(pid):
 
 @pytest.fixture
 def sb(tmp_path, request):
+    missing = [tool for tool in ("git", "tmux") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"spawn.sh tests need {' and '.join(missing)}: install them (apt-get install -y tmux; .ci/run does)")
     socket = f"autoresearch-test-{os.getpid()}-{request.node.name}"[:90]
     box = Sandbox(tmp_path, socket)
     yield box
