@@ -296,17 +296,19 @@ gpu_count() {
 }
 
 cmd_launch() {
-    [[ $# -ge 1 ]] || die "launch needs a tag and workers: bash spawn.sh launch <tag> [--slurm] <agent:N> [...]"
-    local tag=$1; shift
-    check_tag "$tag"
-    local slurm=0 specs=() arg
+    # --slurm may stand anywhere; the first other word is the tag.
+    local slurm=0 words=() arg
     for arg in "$@"; do
         case "$arg" in
             --slurm) slurm=1 ;;
-            -*) die "unknown option '$arg': the only option is --slurm" ;;
-            *) specs+=("$arg") ;;
+            --*) die "unknown option '$arg': the only option is --slurm" ;;
+            *) words+=("$arg") ;;
         esac
     done
+    [[ ${#words[@]} -ge 1 ]] || die "launch needs a tag and workers: bash spawn.sh launch <tag> [--slurm] <agent:N> [...]"
+    local tag=${words[0]}
+    check_tag "$tag"
+    local specs=("${words[@]:1}")
     [[ ${#specs[@]} -ge 1 ]] || die "no workers given: bash spawn.sh launch $tag [--slurm] <agent:N> [...] (e.g. claude:0)"
 
     local session="autoresearch-$tag" head spec agent gpu digits program
@@ -341,11 +343,13 @@ cmd_launch() {
         [[ "$SLURM_RUN_ARGS" != *[\'\"\\]* ]] \
             || die "SLURM_RUN_ARGS must not contain quotes or backslashes: it is split on whitespace, nothing else"
     else
-        local ngpu
+        local ngpu valid
         if ngpu=$(gpu_count); then
+            valid="indices 0..$((ngpu - 1))"
+            [[ "$ngpu" -gt 0 ]] || valid="none"
             for gpu in "${gpus[@]}"; do
                 [[ "$gpu" -lt "$ngpu" ]] \
-                    || die "no GPU $gpu: nvidia-smi lists $ngpu GPU(s) (indices 0..$((ngpu - 1))); for Slurm workers use --slurm"
+                    || die "no GPU $gpu: nvidia-smi lists $ngpu GPU(s) ($valid); for Slurm workers use --slurm"
             done
         fi
     fi

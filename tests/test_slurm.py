@@ -116,7 +116,7 @@ def test_each_run_is_a_slurm_job(slurm_box, cluster):
 @pytest.mark.parametrize("slurm_box", ["sleep"], indirect=True)
 def test_stop_cancels_the_running_job(slurm_box, cluster):
     sb = slurm_box
-    assert sb.spawn("launch", "s2", "--slurm", "a:3").returncode == 0
+    assert sb.spawn("launch", "--slurm", "s2", "a:3").returncode == 0
     wait_for(lambda: job_names(cluster).get("autoresearch-s2-3", (0, ""))[1] == "RUNNING", 30,
              f"the job never ran\n{cluster.log_tail()}")
     job_id = job_names(cluster)["autoresearch-s2-3"][0]

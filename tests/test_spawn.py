@@ -329,6 +329,8 @@ def test_failure_mid_launch_rolls_back(sb):
     (["launch", "bad tag", "a:0"], "invalid tag 'bad tag'"),
     (["launch", "a..b", "a:0"], "invalid tag 'a..b'"),
     (["launch", "-x", "a:0"], "invalid tag '-x'"),
+    (["launch", "n6", "--slurn", "a:0"], "unknown option '--slurn'"),
+    (["launch", "--slurm"], "launch needs a tag and workers"),
     (["stop"], "stop needs exactly one tag"),
     (["frobnicate"], "unknown command 'frobnicate'"),
 ])
