@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# spawn.sh: one research agent per GPU, each on its own branch, in its own git
-# worktree and tmux pane, all in one tmux session.
+# spawn.sh: several research agents, each on its own branch, in its own git
+# worktree and tmux pane, all in one tmux session; each experiment runs on one
+# local GPU, or (--slurm) as a Slurm job.
 #
 # Usage:
 #   bash spawn.sh launch <tag> <agent:gpu> [<agent:gpu> ...]
+#   bash spawn.sh launch <tag> --slurm <agent:N> [<agent:N> ...]
 #   bash spawn.sh stop <tag>
 #   bash spawn.sh status
 #   bash spawn.sh help
@@ -11,32 +13,47 @@
 # Examples:
 #   bash spawn.sh launch mar5 claude:0 claude:1 codex:2 opus:3
 #   CLAUDE_MODEL=opus bash spawn.sh launch mar5b claude:0 claude:1
+#   SLURM_RUN_ARGS="--partition=gpu --account=mylab --gres=gpu:1 --time=00:15:00" \
+#       bash spawn.sh launch mar6 --slurm claude:0 claude:1 claude:2 claude:3
 #   tmux attach -t autoresearch-mar5          # watch them work (detach: Ctrl-b d)
 #   bash spawn.sh status
 #   bash spawn.sh stop mar5                   # results land in results/mar5-gpu<N>.tsv
 #   uv run analysis.py results/mar5-gpu*.tsv --plot progress.png
 #
-# launch, per <agent:gpu> worker (<gpu>: the index nvidia-smi shows):
+# launch, per <agent:N> worker:
 #   - a fresh branch autoresearch/<tag>-gpu<N> from the commit you launch from
 #     (refused, changing nothing, if any such branch already exists);
 #   - a git worktree worktrees/gpu<N> with the repo's .venv linked in;
-#   - the agent started there with CUDA_VISIBLE_DEVICES=<N> and the prompt
-#     "Read program.md and follow the instructions.", and this shell's PATH
-#     and AUTORESEARCH_*, ANTHROPIC_*, OPENAI_*, CLAUDE_*, CODEX_*, HF_*, UV_*
-#     variables (a pane otherwise gets the environment of the tmux server,
-#     which may have started before you exported them);
+#   - the agent started there with the prompt in AGENT_PROMPT, this shell's
+#     PATH, SLURM_CONF and AUTORESEARCH_*, ANTHROPIC_*, OPENAI_*, CLAUDE_*,
+#     CODEX_*, HF_*, UV_* variables (a pane otherwise gets the environment of
+#     the tmux server, which may have started before you exported them), and
+#     AUTORESEARCH_RUN, the prefix of program.md's run command
+#     ($AUTORESEARCH_RUN uv run train.py > run.log 2>&1):
+#       local:   <N> is a GPU index as nvidia-smi shows it (refused if the
+#                machine has no such GPU); CUDA_VISIBLE_DEVICES=<N> and an
+#                empty AUTORESEARCH_RUN: the run starts right there;
+#       --slurm: <N> only numbers the workers; no local GPU is bound and
+#                AUTORESEARCH_RUN is
+#                  srun --job-name=autoresearch-<tag>-<N> $SLURM_RUN_ARGS
+#                so each run is a job of one GPU on the cluster. The agents
+#                stay here (a login node has the network their API needs).
 #   - one pane of the tiled tmux session autoresearch-<tag>; when the agent
 #     exits the pane says so and leaves a shell open.
 #   Then a background watcher checks every WATCH_INTERVAL seconds and types
 #   NUDGE_MESSAGE + Enter into a pane whose screen has not changed since the
 #   last check and shows an idle prompt (one of the last IDLE_LINES non-empty
 #   lines matches IDLE_PROMPT_REGEX). launch returns once the workers are up.
-#   Everything is validated before anything is created; if a step fails,
+#   Everything is validated before anything is created (the tag, the workers,
+#   the agent programs, the GPU indices, srun for --slurm); if a step fails,
 #   what was made is removed again.
-# stop: ends the watcher and the tmux session, moves each worktree's
-#   results.tsv to results/<tag>-gpu<N>.tsv (never overwriting: -2, -3, ...
-#   suffixes), removes the worktrees, keeps the branches. Safe to re-run.
-# status: tmux sessions, worktrees, research branches, results files.
+# stop: ends the watcher, cancels the tag's Slurm jobs (when squeue is
+#   installed), ends the tmux session, moves each worktree's results.tsv to
+#   results/<tag>-gpu<N>.tsv (never overwriting: -2, -3, ... suffixes),
+#   removes the worktrees (also one whose agent switched branch or lost its
+#   .git), keeps the branches. Safe to re-run.
+# status: tmux sessions, worktrees, research branches, results files, and the
+#   autoresearch Slurm jobs (when squeue is installed).
 #
 # Agents: claude (model $CLAUDE_MODEL), sonnet, opus, haiku: the claude CLI with
 #   --model and $CLAUDE_FLAGS; codex: the codex CLI with $CODEX_FLAGS. The night
@@ -53,6 +70,9 @@
 #                                                     (the prompt is appended as its last
 #                                                     argument); any agent name is accepted
 #   AGENT_PROMPT="Read program.md and follow the instructions."
+#   SLURM_RUN_ARGS="--gres=gpu:1 --time=00:15:00"     --slurm: srun's arguments besides the
+#                                                     job name, replaced as a whole (split
+#                                                     on whitespace: add partition, account)
 #   WATCH_INTERVAL=120                                seconds between idle checks
 #   NUDGE_MESSAGE="keep going"                        typed into an idle pane
 #   IDLE_PROMPT_REGEX='^[[:space:]]*(│[[:space:]]*)?(>|›|❯)([[:space:]].*)?$'
@@ -68,6 +88,9 @@ CLAUDE_FLAGS=${CLAUDE_FLAGS:---dangerously-skip-permissions}
 CODEX_FLAGS=${CODEX_FLAGS:---dangerously-bypass-approvals-and-sandbox}
 AUTORESEARCH_AGENT_CMD=${AUTORESEARCH_AGENT_CMD:-}
 AGENT_PROMPT=${AGENT_PROMPT:-Read program.md and follow the instructions.}
+# 300 s of training + about a minute of start-up and compilation + the
+# evaluation, with room to spare: a run that hangs is cut by Slurm.
+SLURM_RUN_ARGS=${SLURM_RUN_ARGS:---gres=gpu:1 --time=00:15:00}
 WATCH_INTERVAL=${WATCH_INTERVAL:-120}
 NUDGE_MESSAGE=${NUDGE_MESSAGE:-keep going}
 IDLE_PROMPT_REGEX=${IDLE_PROMPT_REGEX:-'^[[:space:]]*(│[[:space:]]*)?(>|›|❯)([[:space:]].*)?$'}
@@ -146,8 +169,19 @@ agent_cmdline() {
     esac
 }
 
+# The program a worker's command line starts: its first word that is not a
+# NAME=value assignment.
+agent_program() {
+    local words=() word
+    read -r -a words <<< "$(agent_cmdline "$1")"
+    for word in "${words[@]}"; do
+        [[ "$word" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || { printf '%s' "$word"; return 0; }
+    done
+    return 1
+}
+
 # 'export NAME=value; ...' for the variables a pane must see from this shell.
-FORWARD_ENV_REGEX='^(PATH|(AUTORESEARCH|ANTHROPIC|OPENAI|CLAUDE|CODEX|HF|UV)_[A-Za-z0-9_]*)$'
+FORWARD_ENV_REGEX='^(PATH|SLURM_CONF|(AUTORESEARCH|ANTHROPIC|OPENAI|CLAUDE|CODEX|HF|UV)_[A-Za-z0-9_]*)$'
 env_exports() {
     local name
     while IFS= read -r name; do
@@ -158,6 +192,30 @@ env_exports() {
 }
 
 pidfile_for() { printf '%s/worktrees/.watcher-%s.pid' "$ROOT" "$1"; }
+
+# What launch made for a tag: 'worktree <path>' lines, and 'slurm' if its runs
+# go to Slurm. stop finds the worktrees there even after an agent switched
+# branch or deleted its worktree's .git.
+manifest_for() { printf '%s/worktrees/.workers-%s' "$ROOT" "$1"; }
+
+# The Slurm job name of worker <N> of <tag>: stop and status find jobs by it.
+job_name() { printf 'autoresearch-%s-%s' "$1" "$2"; }
+
+# 'id|name|state|time' for each of this user's jobs named autoresearch-*
+# (of one tag if given); fails, saying why on stderr, when squeue does.
+slurm_jobs() {
+    local tag=${1:-} out line name
+    out=$(squeue -h -u "$(id -un)" -o '%i|%j|%T|%M' 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
+    while IFS= read -r line; do
+        name=$(cut -d '|' -f 2 <<< "$line")
+        if [[ -n "$tag" ]]; then
+            [[ "$name" =~ ^autoresearch-$tag-[0-9]+$ ]] || continue
+        else
+            [[ "$name" == autoresearch-* ]] || continue
+        fi
+        printf '%s\n' "$line"
+    done <<< "$out"
+}
 
 # The pid in the watcher's pid file if that process is still our watcher.
 watcher_pid() {
@@ -174,6 +232,15 @@ watcher_pid() {
     args=${args%" "}
     [[ "$args" == *spawn.sh*" _watch $1" ]] || return 1
     printf '%s' "$pid"
+}
+
+# The branches autoresearch/<tag>-gpu<N> of one tag, one a line.
+tag_branches() {
+    local branch
+    while IFS= read -r branch; do
+        [[ "$branch" =~ ^autoresearch/$1-gpu[0-9]+$ ]] && printf '%s\n' "$branch"
+    done < <(git -C "$ROOT" for-each-ref --format='%(refname:short)' "refs/heads/autoresearch/$1-gpu*")
+    return 0
 }
 
 # The path of the worktree that has <branch> checked out.
@@ -196,6 +263,7 @@ worktree_of_branch() {
 MADE_BRANCHES=()
 MADE_WORKTREES=()
 MADE_SESSION=""
+MADE_MANIFEST=""
 
 rollback() {
     local rc=$? wt br
@@ -209,25 +277,53 @@ rollback() {
     for br in "${MADE_BRANCHES[@]}"; do
         git -C "$ROOT" branch -D "$br" >/dev/null 2>&1 || true
     done
+    [[ -n "$MADE_MANIFEST" ]] && rm -f "$MADE_MANIFEST"
     exit "$rc"
 }
 
-cmd_launch() {
-    [[ $# -ge 1 ]] || die "launch needs a tag and workers: bash spawn.sh launch <tag> <agent:gpu> [...]"
-    local tag=$1; shift
-    check_tag "$tag"
-    [[ $# -ge 1 ]] || die "no workers given: bash spawn.sh launch $tag <agent:gpu> [...] (e.g. claude:0)"
+# The number of GPUs nvidia-smi lists; fails (with a warning) when it cannot tell.
+gpu_count() {
+    local out
+    if ! command -v nvidia-smi >/dev/null 2>&1; then
+        warn "nvidia-smi not found: GPU indices cannot be checked against this machine's GPUs"
+        return 1
+    fi
+    if ! out=$(nvidia-smi -L 2>&1); then
+        warn "nvidia-smi -L failed ($(head -n 1 <<< "$out")): GPU indices are not checked"
+        return 1
+    fi
+    grep -c '^GPU [0-9]' <<< "$out" || true
+}
 
-    local session="autoresearch-$tag" head spec agent gpu
+cmd_launch() {
+    # --slurm may stand anywhere; the first other word is the tag.
+    local slurm=0 words=() arg
+    for arg in "$@"; do
+        case "$arg" in
+            --slurm) slurm=1 ;;
+            --*) die "unknown option '$arg': the only option is --slurm" ;;
+            *) words+=("$arg") ;;
+        esac
+    done
+    [[ ${#words[@]} -ge 1 ]] || die "launch needs a tag and workers: bash spawn.sh launch <tag> [--slurm] <agent:N> [...]"
+    local tag=${words[0]}
+    check_tag "$tag"
+    local specs=("${words[@]:1}")
+    [[ ${#specs[@]} -ge 1 ]] || die "no workers given: bash spawn.sh launch $tag [--slurm] <agent:N> [...] (e.g. claude:0)"
+
+    local session="autoresearch-$tag" head spec agent gpu digits program
     local agents=() gpus=() seen=" "
     head=$(git rev-parse --verify HEAD 2>/dev/null) || die "this repository has no commit to branch from"
 
     # Validate everything before creating anything.
-    for spec in "$@"; do
+    for spec in "${specs[@]}"; do
         [[ "$spec" =~ ^([A-Za-z0-9_.-]+):([0-9]+)$ ]] \
-            || die "bad worker '$spec': expected <agent>:<gpu index>, e.g. claude:0"
+            || die "bad worker '$spec': expected <agent>:<index>, e.g. claude:0"
         agent=${BASH_REMATCH[1]}
-        gpu=$((10#${BASH_REMATCH[2]}))
+        # Compare digits, not numbers: bash arithmetic wraps past 2^63.
+        digits=${BASH_REMATCH[2]#"${BASH_REMATCH[2]%%[!0]*}"}
+        [[ ${#digits} -le 4 ]] || die "bad worker '$spec': index ${BASH_REMATCH[2]} is out of range"
+        gpu=$((10#${digits:-0}))
         [[ "$seen" != *" $gpu "* ]] || die "GPU $gpu is given twice: one agent per GPU"
         seen+="$gpu "
         agent_cmdline "$agent" >/dev/null \
@@ -235,6 +331,28 @@ cmd_launch() {
         agents+=("$agent")
         gpus+=("$gpu")
     done
+    # Else the pane alone would say 'command not found', and launch exit 0.
+    for agent in "${agents[@]}"; do
+        program=$(agent_program "$agent") || die "AUTORESEARCH_AGENT_CMD names no program"
+        command -v "$program" >/dev/null 2>&1 \
+            || die "agent program '$program' not found on PATH (agent $agent): install it, or set AUTORESEARCH_AGENT_CMD"
+    done
+    if [[ "$slurm" -eq 1 ]]; then
+        command -v srun >/dev/null 2>&1 \
+            || die "srun not found: --slurm sends each run to Slurm with srun; launch from a Slurm login node"
+        [[ "$SLURM_RUN_ARGS" != *[\'\"\\]* ]] \
+            || die "SLURM_RUN_ARGS must not contain quotes or backslashes: it is split on whitespace, nothing else"
+    else
+        local ngpu valid
+        if ngpu=$(gpu_count); then
+            valid="indices 0..$((ngpu - 1))"
+            [[ "$ngpu" -gt 0 ]] || valid="none"
+            for gpu in "${gpus[@]}"; do
+                [[ "$gpu" -lt "$ngpu" ]] \
+                    || die "no GPU $gpu: nvidia-smi lists $ngpu GPU(s) ($valid); for Slurm workers use --slurm"
+            done
+        fi
+    fi
     git -C "$ROOT" worktree prune
     session_exists "$session" && die "tmux session $session already exists: bash spawn.sh stop $tag"
     for gpu in "${gpus[@]}"; do
@@ -247,19 +365,17 @@ cmd_launch() {
         warn "uncommitted changes are not part of the workers' starting point ($(git rev-parse --short HEAD))"
     fi
     git cat-file -e "$head:program.md" 2>/dev/null || warn "program.md is not in commit $head: the agents' prompt points at it"
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        local ngpu
-        ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-        for gpu in "${gpus[@]}"; do
-            [[ "$gpu" -lt "$ngpu" ]] || warn "GPU $gpu: nvidia-smi lists $ngpu GPU(s) (indices are nvidia-smi's)"
-        done
-    fi
     [[ -d "$ROOT/.venv" ]] || warn "no .venv in $ROOT (run 'uv sync' there): workers' 'uv run' will build their own"
 
     trap rollback EXIT
-    log "launching $session from $(git rev-parse --short HEAD) with $# worker(s)"
+    local where="local GPUs"
+    [[ "$slurm" -eq 1 ]] && where="Slurm (srun $SLURM_RUN_ARGS)"
+    log "launching $session from $(git rev-parse --short HEAD) with ${#gpus[@]} worker(s), runs on $where"
     mkdir -p "$ROOT/worktrees"
-    local i wt branch cmd pane
+    MADE_MANIFEST=$(manifest_for "$tag")
+    : > "$MADE_MANIFEST"
+    [[ "$slurm" -eq 1 ]] && printf 'slurm\n' >> "$MADE_MANIFEST"
+    local i wt branch cmd pane run label
     for i in "${!gpus[@]}"; do
         gpu=${gpus[$i]}
         agent=${agents[$i]}
@@ -267,6 +383,7 @@ cmd_launch() {
         branch="autoresearch/$tag-gpu$gpu"
         MADE_BRANCHES+=("$branch")  # before: a failed add may leave either behind
         MADE_WORKTREES+=("$wt")
+        printf 'worktree %s\n' "$wt" >> "$MADE_MANIFEST"
         git -C "$ROOT" worktree add --quiet -b "$branch" "$wt" "$head"
         if [[ -d "$ROOT/.venv" ]]; then
             ln -sfn "$ROOT/.venv" "$wt/.venv"
@@ -275,11 +392,20 @@ cmd_launch() {
                 || warn "the .venv link in worktrees/gpu$gpu is not git-ignored: add '.venv' (no slash) to .gitignore"
         fi
 
+        # What program.md's run command puts in front of 'uv run train.py'.
+        if [[ "$slurm" -eq 1 ]]; then
+            run="srun --job-name=$(job_name "$tag" "$gpu") $SLURM_RUN_ARGS"
+            cmd="unset CUDA_VISIBLE_DEVICES; export AUTORESEARCH_RUN=$(printf '%q' "$run"); "
+            label="worker $gpu (Slurm job $(job_name "$tag" "$gpu"))"
+        else
+            cmd="export CUDA_VISIBLE_DEVICES=$gpu AUTORESEARCH_RUN=; "
+            label="GPU $gpu"
+        fi
         # The pane runs bash directly (no default-shell): the agent, then a
         # note that it ended, then a shell left open in the worktree.
-        cmd="$(env_exports)export CUDA_VISIBLE_DEVICES=$gpu; $(agent_cmdline "$agent") $(printf '%q' "$AGENT_PROMPT")"
+        cmd="$(env_exports)$cmd$(agent_cmdline "$agent") $(printf '%q' "$AGENT_PROMPT")"
         cmd+="; rc=\$?; tmux set-option -p @autoresearch_done 1 2>/dev/null"
-        cmd+="; printf '\\n[agent exited with status %s: session ended on GPU $gpu]\\n' \"\$rc\"; exec bash"
+        cmd+="; printf '\\n[agent exited with status %s: session ended on %s]\\n' \"\$rc\" $(printf '%q' "$label"); exec bash"
         if [[ -z "$MADE_SESSION" ]]; then
             tmux_ new-session -d -s "$session" -x 220 -y 60 -c "$wt" bash -c "$cmd"
             MADE_SESSION=$session
@@ -291,7 +417,7 @@ cmd_launch() {
             tmux_ select-layout -t "=$session:" tiled >/dev/null
         fi
         tmux_ set-option -p -t "$pane" @worker "gpu$gpu $agent $branch"
-        log "gpu$gpu: $agent on $branch in worktrees/gpu$gpu"
+        log "gpu$gpu: $agent on $branch in worktrees/gpu$gpu, runs on $label"
     done
 
     # The watcher outlives this script; its output goes to a log, not to our
@@ -376,10 +502,66 @@ free_results_path() {
     printf '%s' "$path"
 }
 
+# Cancel the tag's Slurm jobs; true if there were any. <slurm> is 1 when
+# launch recorded a --slurm run: only then is a missing or failing squeue
+# worth a word.
+cancel_jobs() {
+    local tag=$1 slurm=$2 jobs ids=()
+    local manual="cancel its jobs yourself: scancel --name=$(job_name "$tag" '<N>')"
+    if ! command -v squeue >/dev/null 2>&1; then
+        [[ "$slurm" -eq 0 ]] || warn "squeue not found: $manual"
+        return 1
+    fi
+    if ! jobs=$(slurm_jobs "$tag" 2>/dev/null); then
+        [[ "$slurm" -eq 0 ]] || warn "squeue failed: $manual"
+        return 1
+    fi
+    [[ -n "$jobs" ]] || return 1
+    mapfile -t ids < <(cut -d '|' -f 1 <<< "$jobs")
+    scancel "${ids[@]}" || warn "scancel ${ids[*]} failed"
+    log "Slurm job(s) ${ids[*]} cancelled"
+}
+
+# Move <worktree>'s results.tsv to results/<tag>-gpu<N>.tsv, then remove it.
+retire_worktree() {
+    local tag=$1 wt=$2 dest
+    if [[ -f "$wt/results.tsv" ]]; then
+        mkdir -p "$ROOT/results"
+        dest=$(free_results_path "$tag-${wt##*/}")
+        mv "$wt/results.tsv" "$dest"
+        log "results: ${dest#"$ROOT"/} ($(($(wc -l < "$dest") - 1)) rows)"
+    fi
+    if [[ -e "$wt/.git" && -n "$(git -C "$wt" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+        warn "uncommitted changes in $wt are discarded (committed work stays on its branch)"
+    fi
+    # git refuses a worktree whose .git is gone; then the folder goes by hand,
+    # and only below worktrees/ (the prune below forgets git's record of it).
+    if ! git -C "$ROOT" worktree remove --force "$wt" 2>/dev/null; then
+        [[ "$wt" == "$ROOT/worktrees/"* ]] || { warn "$wt is not below worktrees/: left in place"; return 0; }
+        rm -rf -- "$wt"
+    fi
+    log "worktree ${wt#"$ROOT"/} removed"
+}
+
 cmd_stop() {
     [[ $# -eq 1 ]] || die "stop needs exactly one tag: bash spawn.sh stop <tag>"
-    local tag=$1 session="autoresearch-$1" pid branch wt dest did=0
+    local tag=$1 session="autoresearch-$1" pid branch wt manifest line slurm=0 did=0
     check_tag "$tag"
+    # The tag's worktrees: those launch recorded, and any that has one of the
+    # tag's branches checked out (from a launch that kept no record).
+    local worktrees=() seen=" "
+    manifest=$(manifest_for "$tag")
+    if [[ -f "$manifest" ]]; then
+        while IFS= read -r line; do
+            case "$line" in
+                "worktree "*) worktrees+=("${line#worktree }") ;;
+                slurm) slurm=1 ;;
+            esac
+        done < "$manifest"
+    fi
+    while IFS= read -r branch; do
+        wt=$(worktree_of_branch "$branch") && worktrees+=("$wt")
+    done < <(tag_branches "$tag")
 
     if pid=$(watcher_pid "$tag"); then
         kill "$pid" 2>/dev/null || true
@@ -387,63 +569,86 @@ cmd_stop() {
         did=1
     fi
     rm -f "$(pidfile_for "$tag")"
+    cancel_jobs "$tag" "$slurm" && did=1
     if session_exists "$session"; then
         tmux_ kill-session -t "=$session"
         log "tmux session $session ended"
         did=1
     fi
 
-    while IFS= read -r branch; do
-        [[ "$branch" =~ ^autoresearch/$tag-gpu[0-9]+$ ]] || continue
-        wt=$(worktree_of_branch "$branch") || continue
-        if [[ -f "$wt/results.tsv" ]]; then
-            mkdir -p "$ROOT/results"
-            dest=$(free_results_path "${branch#autoresearch/}")
-            mv "$wt/results.tsv" "$dest"
-            log "results: ${dest#"$ROOT"/} ($(($(wc -l < "$dest") - 1)) rows)"
+    for wt in "${worktrees[@]}"; do
+        [[ -n "$wt" && "$seen" != *" $wt "* && -d "$wt" ]] || continue
+        seen+="$wt "
+        # A recorded folder removed by hand and reused by another tag's launch.
+        branch=$(git -C "$wt" symbolic-ref --quiet --short HEAD 2>/dev/null) || branch=""
+        if [[ -e "$wt/.git" && "$branch" == autoresearch/* && ! "$branch" =~ ^autoresearch/$tag-gpu[0-9]+$ ]]; then
+            warn "${wt#"$ROOT"/} now belongs to $branch: left in place"
+            continue
         fi
-        if [[ -n "$(git -C "$wt" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
-            warn "uncommitted changes in $wt are discarded (committed work stays on $branch)"
-        fi
-        # A folder already deleted by hand is left to the prune below.
-        [[ -d "$wt" ]] && git -C "$ROOT" worktree remove --force "$wt"
-        log "worktree ${wt#"$ROOT"/} removed, branch $branch kept"
+        retire_worktree "$tag" "$wt"
         did=1
-    done < <(git -C "$ROOT" for-each-ref --format='%(refname:short)' "refs/heads/autoresearch/$tag-gpu*")
+    done
+    rm -f "$manifest"
     git -C "$ROOT" worktree prune
-    [[ "$did" -eq 1 ]] || log "nothing running for tag $tag"
+    if [[ "$did" -eq 1 ]]; then
+        log "branches kept: $(tag_branches "$tag" | tr '\n' ' ')"
+    else
+        log "nothing running for tag $tag"
+    fi
 }
 
 # =============================================================================
 # status
 # =============================================================================
 
+# Print stdin's lines indented, or "none".
+listing() {
+    local line any=0
+    while IFS= read -r line; do
+        printf '  %s\n' "$line"
+        any=1
+    done
+    [[ "$any" -eq 1 ]] || printf '  none\n'
+}
+
 cmd_status() {
-    local line n f pid
+    local line n f pid tag watcher jobs
     log "tmux sessions:"
     while IFS= read -r line; do
         [[ "$line" == autoresearch-* ]] || continue
-        local tag=${line%% *}
+        tag=${line%% *}
         tag=${tag#autoresearch-}
-        local watcher="no watcher"
+        watcher="no watcher"
         pid=$(watcher_pid "$tag") && watcher="watcher pid $pid"
-        printf '  %s (%s)\n' "$line" "$watcher"
-    done < <(tmux_ list-sessions -F '#{session_name} #{session_windows} window(s), created #{t:session_created}' 2>/dev/null || true)
+        printf '%s (%s)\n' "$line" "$watcher"
+    done < <(tmux_ list-sessions -F '#{session_name} #{session_windows} window(s), created #{t:session_created}' 2>/dev/null || true) \
+        | listing
 
     log "worktrees:"
     while IFS= read -r line; do
-        [[ "$line" == "$ROOT/worktrees/"* ]] && printf '  %s\n' "${line#"$ROOT"/}"
-    done < <(git -C "$ROOT" worktree list)
+        [[ "$line" == "$ROOT/worktrees/"* ]] || continue
+        printf '%s\n' "${line#"$ROOT"/}"
+    done < <(git -C "$ROOT" worktree list) | listing
 
     log "research branches:"
-    git -C "$ROOT" for-each-ref --format='  %(refname:short) %(objectname:short) %(subject)' 'refs/heads/autoresearch/'
+    git -C "$ROOT" for-each-ref --format='%(refname:short) %(objectname:short) %(subject)' 'refs/heads/autoresearch/' \
+        | listing
 
     log "results files:"
     for f in "$ROOT"/worktrees/gpu*/results.tsv "$ROOT"/results/*.tsv; do
         [[ -f "$f" ]] || continue
         n=$(($(wc -l < "$f") - 1))
-        printf '  %s (%s rows)\n' "${f#"$ROOT"/}" "$n"
-    done
+        printf '%s (%s rows)\n' "${f#"$ROOT"/}" "$n"
+    done | listing
+
+    if command -v squeue >/dev/null 2>&1; then
+        log "Slurm jobs (id|name|state|time):"
+        if jobs=$(slurm_jobs 2>&1); then
+            [[ -z "$jobs" ]] || printf '%s\n' "$jobs"
+        else
+            printf 'unavailable (squeue: %s)\n' "$(head -n 1 <<< "$jobs")"
+        fi | listing
+    fi
 }
 
 # =============================================================================
@@ -456,7 +661,8 @@ src=${BASH_SOURCE[0]}
 [[ "$src" == */* ]] || src="./$src"
 SCRIPT="$(cd "${src%/*}" && pwd)/${src##*/}"
 
-case "${1:-help}" in
+[[ $# -ge 1 ]] || die "no command given: bash spawn.sh launch|stop|status|help"
+case "$1" in
     help | -h | --help) usage; exit 0 ;;
     launch | stop | status | _watch) ;;
     *) die "unknown command '$1': use launch, stop, status or help" ;;

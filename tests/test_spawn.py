@@ -7,12 +7,15 @@ Each test copies spawn.sh and a minimal program.md into a fresh git repo under
 tmp_path and drives `bash spawn.sh ...` there. AUTORESEARCH_AGENT_CMD points
 at a small bash script that records what its pane sees (CUDA_VISIBLE_DEVICES,
 working directory, last argument = the prompt), appends a row to results.tsv,
-shows a `> ` prompt and waits. Every test uses its own tmux server
-(TMUX_SOCKET -> `tmux -L`), killed afterwards, so the user's tmux is never
-touched. Needs git and tmux; no GPU.
+shows a `> ` prompt and waits. A stand-in `nvidia-smi` on PATH lists 8 GPUs.
+Every test uses its own tmux server (TMUX_SOCKET -> `tmux -L`), killed
+afterwards, so the user's tmux is never touched. Needs git and tmux (the tests
+fail without them; .ci/run installs tmux); no GPU. The --slurm mode is tested
+against a real one-node cluster in test_slurm.py.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -22,17 +25,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SPAWN = REPO / "spawn.sh"
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("tmux") is None or shutil.which("git") is None,
-    reason="spawn.sh tests need tmux and git (.ci/run installs tmux)",
-)
+PROMPT = "Read program.md and follow the instructions."
 
 STAND_IN = r"""#!/usr/bin/env bash
 # Stand-in agent: $1 = folder for its report; the prompt is the last argument.
 out=$1
 report="$out/gpu$CUDA_VISIBLE_DEVICES.txt"
 printf '%s\n' "${AUTORESEARCH_CACHE-unset}" > "$out/cache$CUDA_VISIBLE_DEVICES"
+printf '%s\n' "${AUTORESEARCH_RUN-unset}" > "$out/run$CUDA_VISIBLE_DEVICES"
 printf '%s\n%s\n%s\n' "$CUDA_VISIBLE_DEVICES" "$PWD" "${!#}" > "$report.tmp"
 mv "$report.tmp" "$report"
 [[ -f results.tsv ]] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\n' > results.tsv
@@ -52,23 +52,34 @@ def git(repo, *args):
 
 
 class Sandbox:
-    """A throwaway repo with spawn.sh, its own tmux server and a stand-in agent."""
+    """A throwaway repo with spawn.sh, its own tmux server and a stand-in agent.
 
-    def __init__(self, tmp_path, socket):
+    <files>: more of this repo's files to commit there; <venv>: link the repo's
+    real .venv (else a dummy folder with a marker file)."""
+
+    def __init__(self, tmp_path, socket, agent_script=STAND_IN, files=(), venv=False):
         self.repo = tmp_path / "repo"
         self.out = tmp_path / "out"
         self.socket = socket
         self.repo.mkdir()
         self.out.mkdir()
-        shutil.copy(SPAWN, self.repo / "spawn.sh")
+        for name in ("spawn.sh", *files):
+            shutil.copy(REPO / name, self.repo / name)
         (self.repo / "program.md").write_text("# program\nRun experiments.\n")
-        (self.repo / ".gitignore").write_text("worktrees/\nresults/\nresults.tsv\n.venv\n")
-        (self.repo / ".venv").mkdir()
-        (self.repo / ".venv" / "marker").write_text("venv\n")
+        (self.repo / ".gitignore").write_text("worktrees/\nresults/\nresults.tsv\nrun.log\n.venv\n")
+        if venv:
+            (self.repo / ".venv").symlink_to(REPO / ".venv")
+        else:
+            (self.repo / ".venv").mkdir()
+            (self.repo / ".venv" / "marker").write_text("venv\n")
         agent = tmp_path / "agent.sh"
-        agent.write_text(STAND_IN)
+        agent.write_text(agent_script)
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        self.fake_nvidia_smi(8)
         self.env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE", "CUDA_VISIBLE_DEVICES")}
         self.env.update(
+            PATH=f"{self.bin}:{os.environ['PATH']}",
             TMUX_SOCKET=socket,
             WATCH_INTERVAL="600",
             AUTORESEARCH_AGENT_CMD=f"bash {agent} {self.out}",
@@ -79,6 +90,27 @@ class Sandbox:
         git(self.repo, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "add", "-A")
         git(self.repo, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "init")
         self.head = git(self.repo, "rev-parse", "HEAD")
+
+    def fake_nvidia_smi(self, n_gpus):
+        """`nvidia-smi -L` of a machine with <n_gpus> GPUs (None: no nvidia-smi)."""
+        tool = self.bin / "nvidia-smi"
+        tool.unlink(missing_ok=True)
+        if n_gpus is not None:
+            lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})\\n" for i in range(n_gpus))
+            tool.write_text(f"#!/usr/bin/env bash\nprintf '{lines}'\n")
+            tool.chmod(0o755)
+
+    def close(self):
+        """Our watchers only (by their pid files), then our private tmux server."""
+        for pidfile in (self.repo / "worktrees").glob(".watcher-*.pid"):
+            try:
+                os.kill(int(pidfile.read_text()), 15)
+            except (ValueError, ProcessLookupError):
+                pass
+        self.tmux("kill-server")
+        # tmux leaves the socket file behind; it lives where `tmux -L` puts it.
+        tmux_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+        (tmux_dir / self.socket).unlink(missing_ok=True)
 
     def spawn(self, *args, **env):
         e = dict(self.env)
@@ -127,21 +159,18 @@ def alive(pid):
     return True
 
 
+def make_sandbox(tmp_path, request, **kwargs):
+    missing = [tool for tool in ("git", "tmux") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"spawn.sh tests need {' and '.join(missing)}: install them (apt-get install -y tmux; .ci/run does)")
+    return Sandbox(tmp_path, f"autoresearch-test-{os.getpid()}-{request.node.name}"[:90], **kwargs)
+
+
 @pytest.fixture
 def sb(tmp_path, request):
-    socket = f"autoresearch-test-{os.getpid()}-{request.node.name}"[:90]
-    box = Sandbox(tmp_path, socket)
+    box = make_sandbox(tmp_path, request)
     yield box
-    # Our watchers only (by their pid files), then our private tmux server.
-    for pidfile in (box.repo / "worktrees").glob(".watcher-*.pid"):
-        try:
-            os.kill(int(pidfile.read_text()), 15)
-        except (ValueError, ProcessLookupError):
-            pass
-    box.tmux("kill-server")
-    # tmux leaves the socket file behind; it lives where `tmux -L` puts it.
-    tmux_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
-    (tmux_dir / socket).unlink(missing_ok=True)
+    box.close()
 
 
 # =============================================================================
@@ -166,7 +195,9 @@ def test_launch_status_stop(sb):
         cuda, cwd, prompt = sb.report(gpu)
         assert cuda == str(gpu)
         assert Path(cwd).resolve() == (sb.repo / "worktrees" / f"gpu{gpu}").resolve()
-        assert prompt == "Read program.md and follow the instructions."
+        assert prompt == PROMPT
+        # program.md's run command starts right there: an empty (not unset) prefix.
+        assert (sb.out / f"run{gpu}").read_text() == "\n"
 
     # One session, one pane per worker, and a watcher in the background.
     panes = sb.tmux("list-panes", "-s", "-t", "=autoresearch-night1", "-F", "#{@worker}").stdout.splitlines()
@@ -237,9 +268,12 @@ def test_panes_get_this_shells_environment(sb):
     env = {k: v for k, v in sb.env.items() if k != "AUTORESEARCH_CACHE"}
     subprocess.run(["tmux", "-L", sb.socket, "new-session", "-d", "-s", "earlier"], env=env, check=True)
     cache = "/data/my cache's root"
-    assert sb.spawn("launch", "n11", "a:0", AUTORESEARCH_CACHE=cache).returncode == 0
+    r = sb.spawn("launch", "n11", "a:0", AUTORESEARCH_CACHE=cache, AUTORESEARCH_RUN="srun --from-my-shell")
+    assert r.returncode == 0, r.stderr
     sb.report(0)
     assert (sb.out / "cache0").read_text() == cache + "\n"
+    # A local worker's runs stay local whatever this shell exported.
+    assert (sb.out / "run0").read_text() == "\n"
 
 
 def test_agent_command_lines(sb, tmp_path):
@@ -253,7 +287,7 @@ def test_agent_command_lines(sb, tmp_path):
     r = sb.spawn("launch", "n10", "claude:0", "opus:1", "codex:2", AUTORESEARCH_AGENT_CMD="",
                  CLAUDE_MODEL="haiku", PATH=f"{fake_bin}:{os.environ['PATH']}")
     assert r.returncode == 0, r.stderr
-    prompt = "Read program.md and follow the instructions."
+    prompt = PROMPT
     expected = {
         0: ["claude", "--dangerously-skip-permissions", "--model", "haiku", prompt],
         1: ["claude", "--dangerously-skip-permissions", "--model", "opus", prompt],
@@ -295,6 +329,8 @@ def test_failure_mid_launch_rolls_back(sb):
     (["launch", "bad tag", "a:0"], "invalid tag 'bad tag'"),
     (["launch", "a..b", "a:0"], "invalid tag 'a..b'"),
     (["launch", "-x", "a:0"], "invalid tag '-x'"),
+    (["launch", "n6", "--slurn", "a:0"], "unknown option '--slurn'"),
+    (["launch", "--slurm"], "launch needs a tag and workers"),
     (["stop"], "stop needs exactly one tag"),
     (["frobnicate"], "unknown command 'frobnicate'"),
 ])
@@ -366,3 +402,126 @@ def test_help_shows_usage():
     r = subprocess.run(["bash", str(SPAWN), "help"], capture_output=True, text=True)
     assert r.returncode == 0
     assert "bash spawn.sh launch <tag> <agent:gpu>" in r.stdout and "WATCH_INTERVAL" in r.stdout
+
+
+# =============================================================================
+# Launcher checks (issue 15): nothing is created for a launch that cannot work
+# =============================================================================
+
+def assert_nothing_made(sb, tag):
+    assert sb.branches() == [] and sb.worktrees() == [] and not sb.has_session(tag)
+    assert not list((sb.repo / "worktrees").glob(f".*-{tag}*")) if (sb.repo / "worktrees").exists() else True
+
+
+@pytest.mark.parametrize("agent_cmd, worker, program", [
+    ("", "claude:0", "claude"),
+    ("", "codex:1", "codex"),
+    ("MODE=night no-such-agent-cli --flag", "x:0", "no-such-agent-cli"),
+])
+def test_missing_agent_program_is_refused(sb, agent_cmd, worker, program):
+    # Before: launch exited 0 and only the pane said 'command not found'.
+    r = sb.spawn("launch", "n12", worker, AUTORESEARCH_AGENT_CMD=agent_cmd)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"agent program '{program}' not found" in lines[0], r.stderr
+    assert_nothing_made(sb, "n12")
+
+
+def test_missing_nvidia_smi_is_a_warning(sb):
+    sb.fake_nvidia_smi(None)
+    r = sb.spawn("launch", "n13", "a:5")
+    assert r.returncode == 0, r.stderr
+    assert "warning: nvidia-smi not found" in r.stderr
+    assert sb.report(5)[0] == "5"
+
+
+@pytest.mark.parametrize("worker, message", [
+    ("a:2", "no GPU 2: nvidia-smi lists 2 GPU(s)"),
+    ("a:18446744073709551616", "index 18446744073709551616 is out of range"),  # wrapped to GPU 0 before
+    ("a:99999999999999999999", "index 99999999999999999999 is out of range"),
+])
+def test_gpu_indices_beyond_the_machine_are_refused(sb, worker, message):
+    sb.fake_nvidia_smi(2)
+    r = sb.spawn("launch", "n14", "a:1", worker)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert_nothing_made(sb, "n14")
+
+
+def test_leading_zeros_name_the_same_gpu(sb):
+    sb.fake_nvidia_smi(2)
+    assert sb.spawn("launch", "n15", "a:0001").returncode == 0
+    assert sb.report(1)[0] == "1" and sb.worktrees() == ["gpu1"]
+
+
+def test_stop_cleans_up_after_an_agent_switched_branch(sb):
+    assert sb.spawn("launch", "n16", "a:0").returncode == 0
+    sb.report(0)
+    wt = sb.repo / "worktrees" / "gpu0"
+    git(wt, "checkout", "-q", "-b", "side-quest")
+    r = sb.spawn("stop", "n16")
+    assert r.returncode == 0, r.stderr
+    assert sb.worktrees() == [] and "worktrees/gpu0" not in git(sb.repo, "worktree", "list")
+    assert "baseline gpu0" in (sb.repo / "results" / "n16-gpu0.tsv").read_text()
+    assert "autoresearch/n16-gpu0" in sb.branches() and "side-quest" in git(sb.repo, "branch")
+    # Before: the leftover worktree refused every later launch on this GPU.
+    assert sb.spawn("launch", "n16b", "a:0").returncode == 0
+
+
+def test_stop_cleans_up_a_worktree_without_git(sb):
+    assert sb.spawn("launch", "n17", "a:0", "a:1").returncode == 0
+    sb.report(0)
+    sb.report(1)
+    (sb.repo / "worktrees" / "gpu0" / ".git").unlink()
+    for _ in range(2):  # before: exit 128 on every run
+        r = sb.spawn("stop", "n17")
+        assert r.returncode == 0, r.stderr
+    assert sb.worktrees() == [] and "worktrees/gpu" not in git(sb.repo, "worktree", "list")
+    for gpu in (0, 1):
+        assert "baseline" in (sb.repo / "results" / f"n17-gpu{gpu}.tsv").read_text()
+    assert sb.branches() == ["autoresearch/n17-gpu0", "autoresearch/n17-gpu1"]
+
+
+def test_stop_leaves_another_tags_worktree_alone(sb):
+    # n18's worktree deleted by hand, then n19 launched on the same GPU: n18's
+    # record still names worktrees/gpu0, which is n19's now.
+    assert sb.spawn("launch", "n18", "a:0").returncode == 0
+    sb.report(0)
+    sb.tmux("kill-session", "-t", "=autoresearch-n18")
+    shutil.rmtree(sb.repo / "worktrees" / "gpu0")
+    git(sb.repo, "worktree", "prune")
+    (sb.out / "gpu0.txt").unlink()
+    assert sb.spawn("launch", "n19", "a:0").returncode == 0
+    sb.report(0)
+    r = sb.spawn("stop", "n18")
+    assert r.returncode == 0 and "now belongs to autoresearch/n19-gpu0" in r.stderr
+    assert sb.worktrees() == ["gpu0"] and sb.has_session("n19")
+
+
+def test_no_arguments_is_a_usage_error(sb):
+    r = sb.spawn()
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no command given" in lines[0]
+    assert sb.spawn("help").returncode == 0
+
+
+def test_status_says_none(sb):
+    r = sb.spawn("status")
+    assert r.returncode == 0, r.stderr
+    headings = ("tmux sessions:", "worktrees:", "research branches:", "results files:")
+    lines = r.stdout.splitlines()
+    for heading in headings:
+        i = next(i for i, line in enumerate(lines) if line.endswith(heading))
+        assert lines[i + 1] == "  none", r.stdout
+
+
+def test_readme_gives_one_agent_the_prompt_launch_gives(sb):
+    """One first prompt, whether the agent is started by hand or by launch."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", readme, re.M | re.S)
+    prompts = [b.strip() for b in blocks if b.startswith("Read program.md")]
+    assert prompts == [PROMPT], prompts
+    assert sb.spawn("launch", "n20", "a:0").returncode == 0
+    assert sb.report(0)[2] == PROMPT
