@@ -476,10 +476,14 @@ if __name__ == "__main__":
         parser.error(f"--noise must be a spread >= 0 (a finite number), got {args.noise}")
     if args.plot:
         from matplotlib.backend_bases import FigureCanvasBase
+        if args.plot.endswith(("/", os.sep)) or Path(args.plot).is_dir():
+            parser.error(f"--plot {args.plot} is a folder: name the image, e.g. {Path(args.plot) / 'progress.png'}")
         suffix = Path(args.plot).suffix.lower().lstrip(".")
         formats = FigureCanvasBase.get_supported_filetypes()
         if suffix and suffix not in formats:
             parser.error(f"--plot {args.plot}: unknown image type .{suffix} (use one of: {', '.join(sorted(formats))})")
+        if not suffix:
+            args.plot += ".png"  # what matplotlib would write anyway: say so in "wrote ..."
 
     missing = [p for p in args.tsv if not Path(p).exists()]
     if missing:

@@ -386,9 +386,16 @@ def test_plot_into_a_missing_folder(night, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in r.stdout
 
 
+def test_plot_without_a_suffix_says_the_file_it_wrote(night, tmp_path):
+    r = run_cli(night, "--plot", tmp_path / "progress")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'progress.png'}" in r.stdout and (tmp_path / "progress.png").is_file()
+
+
 @pytest.mark.parametrize("where, code, message", [
     ("file.txt/progress.png", 1, "error: cannot write the plot"),   # a folder that is a file
     ("progress.xyz", 2, "unknown image type .xyz"),
+    ("", 2, "is a folder: name the image"),
 ])
 def test_plot_that_cannot_be_written_is_one_line(night, tmp_path, where, code, message):
     (tmp_path / "file.txt").write_text("not a folder")
