@@ -5,7 +5,7 @@ What a night of autoresearch produced, from one or more results.tsv files.
     uv run analysis.py --json                   # the same, as JSON (for agents)
     uv run analysis.py --plot progress.png      # report + the running best, plotted
     uv run analysis.py --noise 0.002            # improvements under 0.002 are "within noise"
-    uv run analysis.py results/mar5-gpu*.tsv --plot progress.png   # compare workers
+    uv run analysis.py results/mar5-gpu*.tsv --plot plots/progress.png   # compare workers
 
 A results file is the five-column, tab-separated log that program.md asks for:
 
@@ -14,44 +14,53 @@ A results file is the five-column, tab-separated log that program.md asks for:
 status is keep | discard | crash, or noise for a rerun of an unchanged commit
 (to measure how much val_bpb moves by chance). Crash rows carry 0.000000 and
 0.0. Blank lines and repeated headers are skipped; malformed lines (too few
-columns, numbers that do not parse, an unknown status, a keep/discard row
-without a val_bpb) are skipped with a warning "file:line: why" on stderr.
+columns, numbers that do not parse, an unknown status, a keep/discard/noise
+row without a finite val_bpb > 0) are skipped with a warning "file:line: why"
+on stderr. A memory_gb that is not a finite number is read as unknown (null).
 
-Definitions (lower val_bpb is better):
-- experiments: keep + discard + crash rows (noise reruns are counted apart).
-- baseline: the first keep/discard row. Every later keep is a change.
-- best: the lowest val_bpb among the baseline and the kept rows (what the
-  branch holds); improvement = baseline - best, also in % of the baseline.
-- keep_rate: kept changes / experiments after the baseline.
-- steps: each kept row after the baseline, with delta = val_bpb - the best
-  before it (negative = better); top: the steps sorted by improvement.
+Definitions (lower val_bpb is better), numbered the way a reader counts:
+- baseline: the first keep/discard row, experiment #0. It is not "kept":
+  it is where the night starts.
+- experiments: the keep/discard/crash rows after the baseline, numbered
+  #1, #2, ... in file order. Noise reruns take no number, and crashes before
+  the baseline (a baseline that did not run) are counted apart.
+- kept, discarded, crashed: experiments by status; they add up to
+  experiments, and keep_rate = kept / experiments.
+- best: the lowest val_bpb among the baseline and the kept experiments (what
+  the branch holds); improvement = baseline - best, also in % of the baseline.
+- steps: each kept experiment, with delta = val_bpb - the best before it
+  (negative = better); top: the steps sorted by improvement.
 - noise: --noise X if given, else the spread measured from noise rows: for
   each commit with noise reruns, max - min of val_bpb over all its non-crash
   rows (the original run and the reruns); the largest such range. A step whose
   improvement is smaller than the noise is flagged within_noise.
 
 JSON (--json): {"files": [summary, ...], "best_file": path or null}; a summary
-has path, experiments, kept, discarded, crashed, noise_runs, keep_rate,
-baseline, best, improvement, improvement_pct, noise, noise_source
-("--noise" | "reruns" | null), steps, top, warnings. baseline/best/steps/top
-entries are rows: {n (1-based position among the file's parsed rows),
-commit, val_bpb, memory_gb, status, description}; steps and top add
-prev_best, delta and within_noise. Numbers are null where there is no data.
+has path, experiments, kept, discarded, crashed, crashed_before_baseline,
+noise_runs, keep_rate, baseline, best, improvement, improvement_pct, noise,
+noise_source ("--noise" | "reruns" | null), steps, top, warnings.
+baseline/best/steps/top entries are rows: {n (experiment number, 0 for the
+baseline), line (in the file), commit, val_bpb, memory_gb, status,
+description}; steps and top add prev_best, delta and within_noise. Numbers
+are null where there is no data: the output never holds NaN or Infinity.
 
 Functions for reuse and tests: parse(path) -> (rows, warnings),
 summarize(rows, path, noise=None) -> dict, report(summaries) -> str,
-plot(summaries, out_path).
+to_json(summaries) -> dict, plot(summaries, out_path) -> Figure.
 """
 
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HEADER = ("commit", "val_bpb", "memory_gb", "status", "description")
 STATUSES = ("keep", "discard", "crash", "noise")
-TOP_N = 5  # top hits shown in the report
+TOP_N = 5          # top hits shown in the report
+MAX_WARNINGS = 10  # warnings printed per file; --json keeps them all
+MAX_LABELS = 25    # kept steps labelled in the plot (the largest gains); TOP_N per file with several
 
 
 # =============================================================================
@@ -60,19 +69,25 @@ TOP_N = 5  # top hits shown in the report
 
 @dataclass
 class Row:
-    n: int            # 1-based position among the file's parsed rows
+    n: int | None             # experiment number: 0 the baseline; None for noise reruns and early crashes
+    line: int                 # line number in the file
     commit: str
-    val_bpb: float
-    memory_gb: float
+    val_bpb: float | None     # None for a crash that logged no finite number
+    memory_gb: float | None   # None when not a finite number
     status: str
     description: str
 
 
+def _finite(value):
+    return value if math.isfinite(value) else None
+
+
 def parse(path):
-    """Rows of one results file and a list of "file:line: why" warnings."""
+    """Rows of one results file, numbered as experiments, and a list of "file:line: why" warnings."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8", errors="replace")  # FileNotFoundError if missing
+    text = path.read_text(encoding="utf-8", errors="replace")  # OSError if unreadable
     rows, warnings = [], []
+    number = None  # the next experiment number, once the baseline is found
     for lineno, line in enumerate(text.splitlines(), start=1):
         where = f"{path}:{lineno}"
         if not line.strip():
@@ -100,9 +115,16 @@ def parse(path):
         if status != "crash" and not (math.isfinite(val_bpb) and val_bpb > 0):
             warnings.append(f"{where}: status {status} with val_bpb {val}; skipped (a crash?)")
             continue
+        if not math.isfinite(memory_gb):
+            warnings.append(f"{where}: memory_gb {mem} is not a finite number; read as unknown")
         if spaced:
             warnings.append(f"{where}: not tab-separated, read as whitespace-separated")
-        rows.append(Row(len(rows) + 1, commit, val_bpb, memory_gb, status, desc))
+        if number is None and status in ("keep", "discard"):
+            number = 0  # the baseline
+        n = None
+        if status != "noise" and number is not None:
+            n, number = number, number + 1
+        rows.append(Row(n, lineno, commit, _finite(val_bpb), _finite(memory_gb), status, desc))
     return rows, warnings
 
 
@@ -112,39 +134,40 @@ def parse(path):
 
 def measured_noise(rows):
     """Largest max-min of val_bpb over a commit's runs, among commits with noise reruns."""
-    reruns = {r.commit[:7] for r in rows if r.status == "noise"}
-    spread = None
-    for commit in sorted(reruns):
-        vals = [r.val_bpb for r in rows if r.commit[:7] == commit and r.status != "crash"]
-        if len(vals) >= 2:
-            spread = max(spread or 0.0, max(vals) - min(vals))
-    return spread
+    # One pass, grouped by commit: scanning all rows per rerun commit was quadratic.
+    runs, reruns = {}, set()
+    for r in rows:
+        if r.status == "crash" or r.val_bpb is None:
+            continue
+        key = r.commit[:7]  # a short and a full hash of one commit match
+        runs.setdefault(key, []).append(r.val_bpb)
+        if r.status == "noise":
+            reruns.add(key)
+    spreads = [max(runs[k]) - min(runs[k]) for k in reruns if len(runs[k]) >= 2]
+    return max(spreads) if spreads else None
 
 
 def summarize(rows, path="results.tsv", noise=None, warnings=()):
     """The numbers of one results file (see the module docstring for the fields)."""
-    experiments = [r for r in rows if r.status != "noise"]
+    baseline = next((r for r in rows if r.n == 0), None)
+    experiments = [r for r in rows if r.n is not None and r.n > 0]
     count = {s: sum(r.status == s for r in experiments) for s in ("keep", "discard", "crash")}
     noise_source = "--noise" if noise is not None else None
     if noise is None:
         noise = measured_noise(rows)
         noise_source = "reruns" if noise is not None else None
 
-    baseline = next((r for r in experiments if r.status in ("keep", "discard")), None)
     best, steps = baseline, []
-    if baseline is not None:
-        for r in experiments:
-            if r.n <= baseline.n or r.status != "keep":
-                continue
-            prev = best.val_bpb
-            delta = r.val_bpb - prev
-            steps.append(dict(asdict(r), prev_best=prev, delta=round(delta, 6),
-                              within_noise=noise is not None and -delta < noise))
-            if r.val_bpb < best.val_bpb:
-                best = r
+    for r in experiments:
+        if r.status != "keep":
+            continue
+        prev = best.val_bpb
+        delta = r.val_bpb - prev
+        steps.append(dict(asdict(r), prev_best=prev, delta=round(delta, 6),
+                          within_noise=noise is not None and -delta < noise))
+        if r.val_bpb < best.val_bpb:
+            best = r
 
-    after = [r for r in experiments if baseline is not None and r.n > baseline.n]
-    kept_after = sum(r.status == "keep" for r in after)
     improvement = baseline.val_bpb - best.val_bpb if baseline else None
     return {
         "path": str(path),
@@ -152,8 +175,9 @@ def summarize(rows, path="results.tsv", noise=None, warnings=()):
         "kept": count["keep"],
         "discarded": count["discard"],
         "crashed": count["crash"],
+        "crashed_before_baseline": sum(r.status == "crash" and r.n is None for r in rows),
         "noise_runs": sum(r.status == "noise" for r in rows),
-        "keep_rate": kept_after / len(after) if after else None,
+        "keep_rate": count["keep"] / len(experiments) if experiments else None,
         "baseline": asdict(baseline) if baseline else None,
         "best": asdict(best) if best else None,
         "improvement": round(improvement, 6) if baseline else None,
@@ -164,17 +188,20 @@ def summarize(rows, path="results.tsv", noise=None, warnings=()):
         "top": sorted((s for s in steps if s["delta"] < 0), key=lambda s: s["delta"])[:TOP_N],
         "warnings": list(warnings),
         # Every parsed row, for the plot; left out of the JSON output.
-        "_rows": [asdict(r) for r in rows],
+        "_rows": rows,
     }
 
 
 def load(paths, noise=None):
-    """Summaries of several files; warnings go to stderr."""
+    """Summaries of several files; the first MAX_WARNINGS warnings of each go to stderr."""
     summaries = []
     for path in paths:
         rows, warnings = parse(path)
-        for w in warnings:
+        for w in warnings[:MAX_WARNINGS]:
             print(f"warning: {w}", file=sys.stderr)
+        if len(warnings) > MAX_WARNINGS:
+            print(f"warning: {path}: {len(warnings) - MAX_WARNINGS} more not shown (--json lists them all)",
+                  file=sys.stderr)
         summaries.append(summarize(rows, path, noise=noise, warnings=warnings))
     return summaries
 
@@ -184,9 +211,20 @@ def best_file(summaries):
     return min(scored, key=lambda s: s["best"]["val_bpb"])["path"] if scored else None
 
 
+def _json_safe(value):
+    """value with every NaN or infinite float replaced by None: JSON has no such numbers."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def to_json(summaries):
     files = [{k: v for k, v in s.items() if not k.startswith("_")} for s in summaries]
-    return {"files": files, "best_file": best_file(summaries)}
+    return _json_safe({"files": files, "best_file": best_file(summaries)})
 
 
 # =============================================================================
@@ -197,29 +235,33 @@ def _short(text, width):
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _run(row):
+    memory = f"{row['memory_gb']:.1f} GB" if row["memory_gb"] is not None else "? GB"
+    return f"{row['val_bpb']:.6f}  (#{row['n']} {row['commit']}, {memory}) {row['description']}"
+
+
 def report_one(s):
     lines = [f"== {s['path']} =="]
-    if s["experiments"] == 0:
-        lines.append("no experiments yet")
+    early = s["crashed_before_baseline"]
+    if s["baseline"] is None:
+        lines.append(f"no successful run yet ({early} crashed)" if early else "no experiments yet")
         return "\n".join(lines)
     rate = f"{100 * s['keep_rate']:.0f}%" if s["keep_rate"] is not None else "n/a"
-    lines.append(f"experiments: {s['experiments']}  kept: {s['kept']}  discarded: {s['discarded']}  "
-                 f"crashed: {s['crashed']}  keep rate: {rate} (of changes after the baseline)")
-    if s["noise_runs"]:
-        lines.append(f"noise reruns: {s['noise_runs']}")
-    base, best = s["baseline"], s["best"]
-    if base is None:
-        lines.append("no successful run yet (all crashed)")
-        return "\n".join(lines)
-    lines.append(f"baseline:    {base['val_bpb']:.6f}  ({base['commit']}, {base['memory_gb']:.1f} GB) {base['description']}")
-    lines.append(f"best:        {best['val_bpb']:.6f}  ({best['commit']}, {best['memory_gb']:.1f} GB) {best['description']}")
+    lines.append(f"experiments: {s['experiments']} after the baseline  kept: {s['kept']}  "
+                 f"discarded: {s['discarded']}  crashed: {s['crashed']}  keep rate: {rate}")
+    extra = [f"crashed before the baseline: {early}"] if early else []
+    extra += [f"noise reruns: {s['noise_runs']}"] if s["noise_runs"] else []
+    if extra:
+        lines.append("  ".join(extra))
+    lines.append(f"baseline:    {_run(s['baseline'])}")
+    lines.append(f"best:        {_run(s['best'])}")
     lines.append(f"improvement: {s['improvement']:.6f}  ({s['improvement_pct']:.2f}% of the baseline)")
     if s["noise"] is not None:
         src = "given with --noise" if s["noise_source"] == "--noise" else "max-min of reruns of one commit"
         lines.append(f"noise:       {s['noise']:.6f}  ({src})")
     if s["steps"]:
         lines.append("")
-        lines.append("kept steps (delta vs the best before it):")
+        lines.append("kept experiments (delta vs the best before it):")
         for st in s["steps"]:
             flag = "  within noise" if st["within_noise"] else ""
             if st["delta"] >= 0:
@@ -230,7 +272,8 @@ def report_one(s):
         lines.append("")
         lines.append(f"top {len(s['top'])} by improvement:")
         for i, st in enumerate(s["top"], start=1):
-            lines.append(f"  {i}. {-st['delta']:.6f}  {st['commit']:<8} {_short(st['description'], 60)}")
+            lines.append(f"  {i}. {-st['delta']:.6f}  #{st['n']:<4} {st['commit']:<8} "
+                         f"{_short(st['description'], 60)}")
     return "\n".join(lines)
 
 
@@ -264,60 +307,159 @@ def report(summaries):
 # Plot
 # =============================================================================
 
-def plot(summaries, out_path):
-    """The running best per file as a step line, kept runs annotated, discards faint."""
-    import matplotlib  # lazily: only plotting needs it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+# How each kind of run is drawn: files differ by colour, kinds by marker.
+KIND_STYLE = {
+    "baseline":         dict(marker="*", s=160, zorder=4),
+    "kept":             dict(marker="o", s=40, zorder=4),
+    "discarded":        dict(marker="o", s=28, facecolors="none", linewidths=1.2, alpha=0.8, zorder=3),
+    "discarded, above": dict(marker="^", s=36, facecolors="none", linewidths=1.2, alpha=0.8, zorder=3),
+    "noise rerun":      dict(marker="D", s=18, alpha=0.7, zorder=3),
+    "crash":            dict(marker="x", s=30, linewidths=1.2, alpha=0.8, zorder=3),
+}
+EDGE_Y = {"crash": 0.03, "discarded, above": 0.97}  # kinds drawn along an edge, in axes height
 
-    fig, ax = plt.subplots(figsize=(12, 6.5))
-    tops, bottoms, highs = [], [], []
-    for i, s in enumerate(summaries):
-        color = f"C{i}"
-        label = Path(s["path"]).stem if len(summaries) > 1 else "running best"
-        rows = [r for r in s["_rows"] if r["status"] != "noise"]
-        base = s["baseline"]
-        if base is None:
+
+def _points(s):
+    """x, y lists per kind for one file, plus the running best as a step line, in experiment numbers."""
+    rows = s["_rows"]
+    points = {kind: ([], []) for kind in KIND_STYLE}
+    line_x, line_y, best = [], [], math.inf
+    latest = {}  # commit[:7] -> the number of its latest experiment, to place its noise reruns
+    for r in rows:
+        if r.n is None and r.status == "noise":
+            # A rerun sits on the experiment it reran, else on the latest experiment before it.
+            x = latest.get(r.commit[:7], line_x[-1] if line_x else None)
+            if x is not None:
+                points["noise rerun"][0].append(x)
+                points["noise rerun"][1].append(r.val_bpb)
             continue
-        ok = [r for r in rows if r["status"] != "crash" and r["n"] >= base["n"]]
-        # Running best over the baseline and kept rows, held flat to the last run.
-        xs, ys, best = [], [], math.inf
-        for r in ok:
-            if r["n"] == base["n"] or r["status"] == "keep":
-                best = min(best, r["val_bpb"])
-            xs.append(r["n"])
-            ys.append(best)
-        ax.step(xs, ys, where="post", color=color, linewidth=2, label=label)
-        disc = [r for r in ok if r["status"] == "discard" and r["n"] != base["n"]]
-        ax.scatter([r["n"] for r in disc], [r["val_bpb"] for r in disc], s=12, color=color, alpha=0.2)
-        kept = [r for r in ok if r["n"] == base["n"] or r["status"] == "keep"]
-        ax.scatter([r["n"] for r in kept], [r["val_bpb"] for r in kept], s=30, color=color, zorder=3)
-        for r in kept:
-            ax.annotate(_short(r["description"], 40), (r["n"], r["val_bpb"]), xytext=(4, 6),
-                        textcoords="offset points", fontsize=7, rotation=20, color=color)
-        tops.append(base["val_bpb"])
-        highs.append(max(r["val_bpb"] for r in ok))
-        bottoms.append(s["best"]["val_bpb"])
-    if tops:
-        # Keep the frontier readable: wild discards (a diverged change) go off the top.
-        span = max(max(tops) - min(bottoms), 1e-3)
-        ax.set_ylim(min(bottoms) - 0.15 * span, min(max(highs), max(tops) + span) + 0.1 * span)
-    else:
+        if r.n is None:
+            continue  # a crash before the baseline
+        latest[r.commit[:7]] = r.n
+        kind = {"keep": "kept", "discard": "discarded", "crash": "crash"}[r.status]
+        if r.n == 0:
+            kind = "baseline"
+        if kind in ("baseline", "kept"):
+            best = min(best, r.val_bpb)
+        line_x.append(r.n)
+        line_y.append(best)
+        points[kind][0].append(r.n)
+        points[kind][1].append(r.val_bpb)
+    return points, (line_x, line_y)
+
+
+def _labels(s, limit):
+    """(x, y, text) for the kept steps with the largest gains (the baseline has its own marker)."""
+    steps = sorted(s["steps"], key=lambda st: st["delta"])[:limit]
+    return [(st["n"], st["val_bpb"], _short(st["description"], 40)) for st in steps]
+
+
+def _keep_inside(fig, ax, texts):
+    """Move each label that sticks out of the axes frame back inside it."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    to_points = 72 / fig.dpi
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        dx = max(frame.x0 - box.x0, 0) + min(frame.x1 - box.x1, 0)
+        dy = max(frame.y0 - box.y0, 0) + min(frame.y1 - box.y1, 0)
+        if dx or dy:
+            x, y = t.xyann
+            t.xyann = (x + dx * to_points, y + dy * to_points)
+
+
+def plot(summaries, out_path):
+    """The running best per file as a step line, every run as a marker; written to out_path (folders made)."""
+    # Lazily: only plotting needs matplotlib. A bare Figure on the Agg canvas touches no global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(12, 6.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    several = len(summaries) > 1
+    drawn = [(f"C{i}", s, *_points(s)) for i, s in enumerate(summaries) if s["baseline"] is not None]
+
+    # The frame: from below the best to a little above the baseline. A wild discard (a diverged
+    # change) would squash the frontier, so it is drawn on the top edge as "discarded, above".
+    if drawn:
+        values = [v for _, _, points, _ in drawn for kind in ("baseline", "kept", "discarded", "noise rerun")
+                  for v in points[kind][1]]
+        low = min(s["best"]["val_bpb"] for _, s, _, _ in drawn)
+        base = max(s["baseline"]["val_bpb"] for _, s, _, _ in drawn)
+        span = max(base - low, 1e-3)
+        top = min(max(values), base + span) + 0.12 * span
+        ax.set_ylim(low - 0.35 * span, top)  # room for the labels under the line
+
+    texts, kinds_seen = [], set()
+    for color, s, points, (line_x, line_y) in drawn:
+        label = Path(s["path"]).stem if several else "running best"
+        ax.step(line_x, line_y, where="post", color=color, linewidth=2, label=label, zorder=2)
+        inside = [(x, y) for x, y in zip(*points["discarded"]) if y <= top]
+        above = [x for x, y in zip(*points["discarded"]) if y > top]
+        points["discarded"] = ([x for x, _ in inside], [y for _, y in inside])
+        points["discarded, above"] = (above, [None] * len(above))
+        for kind, (kx, ky) in points.items():
+            if not kx:
+                continue
+            kinds_seen.add(kind)
+            style = dict(KIND_STYLE[kind])
+            style["edgecolors" if style.get("facecolors") == "none" else "color"] = color
+            if kind in EDGE_Y:
+                # No val_bpb to draw (a crash) or off the scale: a row of markers along an edge.
+                ax.scatter(kx, [EDGE_Y[kind]] * len(kx), transform=ax.get_xaxis_transform(), gid=kind, **style)
+            else:
+                ax.scatter(kx, ky, gid=kind, **style)
+        # Below and left of a kept point, under the running best, no run can lie: the labels go there.
+        for x, y, text in _labels(s, TOP_N if several else MAX_LABELS):
+            texts.append(ax.annotate(text, (x, y), xytext=(-6, -4), textcoords="offset points", ha="right",
+                                     va="top", rotation=20, rotation_mode="anchor", fontsize=7, color=color))
+
+    if not drawn:
         ax.text(0.5, 0.5, "no successful runs yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("experiment #")
+        ax.set_title("autoresearch progress")
+    elif several:
+        ax.set_title("autoresearch progress")
+    else:
+        s = drawn[0][1]
+        ax.set_title(f"autoresearch progress: {s['experiments']} experiments, {s['kept']} kept, "
+                     f"val_bpb {s['baseline']['val_bpb']:.6f} -> {s['best']['val_bpb']:.6f}")
+    ax.set_xlabel("experiment # (0 = baseline; noise reruns sit on the experiment they rerun)")
     ax.set_ylabel("val_bpb (lower is better)")
-    ax.set_title("autoresearch progress")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    if tops:
-        ax.legend(loc="upper right")
+    if drawn:
+        # One entry per file (its running best), then one per kind of run, in grey when the colour means a file.
+        kind_color = "0.35" if several else drawn[0][0]
+        handles, _ = ax.get_legend_handles_labels()
+        for kind in KIND_STYLE:
+            if kind in kinds_seen:
+                style = KIND_STYLE[kind]
+                hollow = style.get("facecolors") == "none"
+                handles.append(Line2D([], [], linestyle="none", marker=style["marker"],
+                                      markersize=math.sqrt(style["s"]), color=kind_color,
+                                      markerfacecolor="none" if hollow else kind_color, label=kind))
+        # Outside the frame, on the right: inside it would hide the latest runs.
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
+    _keep_inside(fig, ax, texts)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    return fig
 
 
 # =============================================================================
 # Command line
 # =============================================================================
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
 
 if __name__ == "__main__":
     import argparse
@@ -325,22 +467,43 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Summarize results.tsv files of autoresearch runs.")
     parser.add_argument("tsv", nargs="*", default=["results.tsv"], help="results files (default: results.tsv)")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of the text report")
-    parser.add_argument("--plot", metavar="PNG", help="also write a progress plot to this file")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="also write a progress plot to this file (missing folders are made)")
     parser.add_argument("--noise", type=float, metavar="X",
                         help="val_bpb spread to treat as noise (default: measured from 'noise' rows)")
     args = parser.parse_args()
-    if args.noise is not None and not args.noise >= 0:
-        parser.error(f"--noise must be a spread >= 0, got {args.noise}")
-
-    missing = [p for p in args.tsv if not Path(p).is_file()]
-    if missing:
-        print(f"error: results file not found: {', '.join(missing)}", file=sys.stderr)
-        sys.exit(1)
-    summaries = load(args.tsv, noise=args.noise)
-    if args.json:
-        print(json.dumps(to_json(summaries), indent=2))
-    else:
-        print(report(summaries))
+    if args.noise is not None and not (math.isfinite(args.noise) and args.noise >= 0):
+        parser.error(f"--noise must be a spread >= 0 (a finite number), got {args.noise}")
     if args.plot:
-        plot(summaries, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+        from matplotlib.backend_bases import FigureCanvasBase
+        if args.plot.endswith(("/", os.sep)) or Path(args.plot).is_dir():
+            parser.error(f"--plot {args.plot} is a folder: name the image, e.g. {Path(args.plot) / 'progress.png'}")
+        suffix = Path(args.plot).suffix.lower().lstrip(".")
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if suffix and suffix not in formats:
+            parser.error(f"--plot {args.plot}: unknown image type .{suffix} (use one of: {', '.join(sorted(formats))})")
+        if not suffix:
+            args.plot += ".png"  # what matplotlib would write anyway: say so in "wrote ..."
+
+    missing = [p for p in args.tsv if not Path(p).exists()]
+    if missing:
+        fail(f"results file not found: {', '.join(missing)}")
+    try:
+        summaries = load(args.tsv, noise=args.noise)
+    except OSError as e:
+        fail(f"cannot read {e.filename}: {e.strerror}")
+    # Everything is computed before anything is printed: a plot that cannot be written leaves no half output.
+    text = json.dumps(to_json(summaries), indent=2, allow_nan=False) if args.json else report(summaries)
+    if args.plot:
+        try:
+            plot(summaries, args.plot)
+        except OSError as e:
+            fail(f"cannot write the plot {args.plot}: {e.strerror or e}")
+    try:
+        print(text)
+        if args.plot:
+            print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped early (| head): not an error of ours, and no traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

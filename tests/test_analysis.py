@@ -5,12 +5,15 @@ analysis.py on small results files written by the tests.
 
 The functions (parse, summarize, report, plot) are imported directly; the
 command line (exit codes, stderr warnings, --json, --plot) runs in a
-subprocess. CPU only, no network, about a second.
+subprocess. CPU only, no network, a few seconds (the 100k-line file is the
+longest).
 """
 
 import json
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,9 +53,9 @@ def write(tmp_path, name, text):
     return path
 
 
-def run_cli(*args, cwd=REPO):
+def run_cli(*args, cwd=REPO, timeout=120):
     return subprocess.run([sys.executable, str(REPO / "analysis.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -67,7 +70,8 @@ def night(tmp_path):
 def test_parse_skips_and_warns(night):
     rows, warnings = analysis.parse(night)
     assert [r.status for r in rows] == ["keep", "keep", "discard", "crash", "noise", "keep", "keep"]
-    assert [r.n for r in rows] == list(range(1, 8))
+    assert [r.n for r in rows] == [0, 1, 2, 3, None, 4, 5]     # the noise rerun takes no number
+    assert [r.line for r in rows] == [2, 3, 4, 5, 8, 9, 10]
     assert rows[-1].description == "bigger batch, less depth" and rows[-1].val_bpb == BEST
     assert len(warnings) == 2
     assert warnings[0].startswith(f"{night}:7:")       # the malformed line
@@ -88,8 +92,10 @@ def test_parse_rejects_malformed_rows(tmp_path, line, why):
 def test_summary_numbers(night):
     rows, _ = analysis.parse(night)
     s = analysis.summarize(rows, night)
-    assert (s["experiments"], s["kept"], s["discarded"], s["crashed"], s["noise_runs"]) == (6, 4, 1, 1, 1)
-    assert s["keep_rate"] == pytest.approx(3 / 5)      # changes after the baseline: 3 kept of 5
+    # After the baseline: 5 experiments, of which 3 kept; the baseline is not "kept".
+    assert (s["experiments"], s["kept"], s["discarded"], s["crashed"], s["noise_runs"]) == (5, 3, 1, 1, 1)
+    assert s["crashed_before_baseline"] == 0
+    assert s["keep_rate"] == pytest.approx(3 / 5)
     assert s["baseline"]["val_bpb"] == BASELINE and s["baseline"]["commit"] == "a1b2c3d"
     assert s["best"]["val_bpb"] == BEST and s["best"]["commit"] == "f6a7b8c"
     assert s["improvement"] == pytest.approx(BASELINE - BEST)
@@ -98,6 +104,45 @@ def test_summary_numbers(night):
     assert [st["delta"] for st in s["steps"]] == pytest.approx(STEP_DELTAS)
     assert [st["within_noise"] for st in s["steps"]] == [False, True, False]
     assert [st["commit"] for st in s["top"]] == ["f6a7b8c", "b2c3d4e", "e5f6a7b"]
+
+
+# The issue's case: "5 experiments, kept 2", yet the kept step was "#6". The baseline
+# is #0 and not kept; noise reruns (two of them here) take no number.
+COUNTED = HEADER + (
+    "0000000\t1.000000\t44.0\tkeep\tbaseline\n"
+    "0000000\t1.001000\t44.0\tnoise\trerun of the baseline\n"
+    "1111111\t1.004000\t44.0\tdiscard\tone\n"
+    "2222222\t0.990000\t44.0\tkeep\ttwo\n"
+    "2222222\t0.991000\t44.0\tnoise\trerun of two\n"
+    "3333333\t0.000000\t0.0\tcrash\tthree\n"
+    "4444444\t0.980000\t44.0\tkeep\tfour\n"
+    "5555555\t0.985000\t44.0\tdiscard\tfive\n"
+)
+
+
+def test_numbering_as_a_reader_counts(tmp_path):
+    path = write(tmp_path, "r.tsv", COUNTED)
+    s = analysis.summarize(analysis.parse(path)[0], path)
+    assert (s["experiments"], s["kept"], s["discarded"], s["crashed"]) == (5, 2, 2, 1)
+    assert s["keep_rate"] == pytest.approx(2 / 5)
+    assert s["baseline"]["n"] == 0
+    assert [(st["n"], st["description"]) for st in s["steps"]] == [(2, "two"), (4, "four")]
+    assert [st["line"] for st in s["steps"]] == [5, 8]
+    out = run_cli(path).stdout
+    assert "experiments: 5 after the baseline  kept: 2  discarded: 2  crashed: 1  keep rate: 40%" in out
+    assert "#2    2222222" in out and "#4    4444444" in out and "#6" not in out
+
+
+def test_crashes_before_the_baseline_are_counted_apart(tmp_path):
+    path = write(tmp_path, "r.tsv", HEADER + "a\t0.0\t0.0\tcrash\tdefault OOMs\n"
+                                              "b\t0.0\t0.0\tcrash\tsmaller batch, still OOM\n"
+                                              "c\t1.0\t40.0\tkeep\tbaseline at batch 64\n"
+                                              "d\t0.9\t40.0\tkeep\tone\n")
+    rows, _ = analysis.parse(path)
+    assert [r.n for r in rows] == [None, None, 0, 1]
+    s = analysis.summarize(rows, path)
+    assert (s["experiments"], s["kept"], s["crashed"], s["crashed_before_baseline"]) == (1, 1, 0, 2)
+    assert "crashed before the baseline: 2" in analysis.report([s])
 
 
 def test_explicit_noise_overrides_reruns(night):
@@ -121,9 +166,9 @@ def test_empty_or_all_crashed(tmp_path, text):
     s = analysis.summarize(rows, path)
     assert warnings == []
     assert s["baseline"] is None and s["best"] is None and s["improvement"] is None and s["steps"] == []
-    assert s["crashed"] == len(rows)
+    assert s["experiments"] == s["crashed"] == 0 and s["crashed_before_baseline"] == len(rows)
     text_report = analysis.report([s])
-    assert "no experiments yet" in text_report or "all crashed" in text_report
+    assert (f"no successful run yet ({len(rows)} crashed)" if rows else "no experiments yet") in text_report
 
 
 # =============================================================================
@@ -134,13 +179,14 @@ def test_text_report(night):
     r = run_cli(night)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for needle in ("experiments: 6", "kept: 4", "discarded: 1", "crashed: 1", "keep rate: 60%",
+    for needle in ("experiments: 5 after the baseline  kept: 3  discarded: 1  crashed: 1  keep rate: 60%",
+                   "noise reruns: 1",
                    f"baseline:    {BASELINE:.6f}", f"best:        {BEST:.6f}",
                    f"improvement: {BASELINE - BEST:.6f}", f"({100 * (BASELINE - BEST) / BASELINE:.2f}% of the baseline)",
                    f"noise:       {NOISE:.6f}",
-                   f"{STEP_DELTAS[0]:+.6f}  increase matrix LR to 0.05",
-                   f"{STEP_DELTAS[1]:+.6f}  warmdown 0.6  within noise",
-                   f"1. {-STEP_DELTAS[2]:.6f}  f6a7b8c"):
+                   f"#1    b2c3d4e  0.993200  {STEP_DELTAS[0]:+.6f}  increase matrix LR to 0.05",
+                   f"#4    e5f6a7b  0.993000  {STEP_DELTAS[1]:+.6f}  warmdown 0.6  within noise",
+                   f"1. {-STEP_DELTAS[2]:.6f}  #5    f6a7b8c"):
         assert needle in out, (needle, out)
     # Malformed input is warned with file:line and skipped.
     assert f"warning: {night}:7:" in r.stderr
@@ -153,15 +199,15 @@ def test_missing_file_exits_1(tmp_path):
     assert "results file not found" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("value", ["-0.001", "nan"])
+@pytest.mark.parametrize("value", ["-0.001", "nan", "inf"])
 def test_negative_noise_is_refused(night, value):
     r = run_cli(night, f"--noise={value}")
-    assert r.returncode == 2 and "--noise must be a spread >= 0" in r.stderr
+    assert r.returncode == 2 and "--noise must be a spread >= 0" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_default_is_results_tsv(night):
     r = run_cli(cwd=night.parent)
-    assert r.returncode == 0 and "experiments: 6" in r.stdout
+    assert r.returncode == 0 and "experiments: 5 after the baseline" in r.stdout
 
 
 def test_several_files_compared(tmp_path, night):
@@ -188,10 +234,10 @@ def test_json_fields(night, tmp_path):
     data = json.loads(r.stdout)
     assert set(data) == {"files", "best_file"} and data["best_file"] == str(night)
     s = data["files"][0]
-    assert set(s) == {"path", "experiments", "kept", "discarded", "crashed", "noise_runs", "keep_rate",
-                      "baseline", "best", "improvement", "improvement_pct", "noise", "noise_source",
-                      "steps", "top", "warnings"}
-    assert s["best"] == {"n": 7, "commit": "f6a7b8c", "val_bpb": BEST, "memory_gb": 43.0,
+    assert set(s) == {"path", "experiments", "kept", "discarded", "crashed", "crashed_before_baseline",
+                      "noise_runs", "keep_rate", "baseline", "best", "improvement", "improvement_pct", "noise",
+                      "noise_source", "steps", "top", "warnings"}
+    assert s["best"] == {"n": 5, "line": 10, "commit": "f6a7b8c", "val_bpb": BEST, "memory_gb": 43.0,
                          "status": "keep", "description": "bigger batch, less depth"}
     assert s["noise"] == 0.001 and s["noise_source"] == "--noise"
     assert set(s["steps"][0]) >= {"prev_best", "delta", "within_noise"}
@@ -200,11 +246,127 @@ def test_json_fields(night, tmp_path):
     assert data["files"][1]["steps"] == [] and data["files"][1]["improvement"] == 0
 
 
-def test_plot_writes_png(night, tmp_path):
-    png = tmp_path / "progress.png"
-    r = run_cli(night, "--plot", png)
+def _no_constants(name):
+    raise AssertionError(f"{name} in the output is not JSON")
+
+
+def test_json_has_no_nan_or_infinity(tmp_path):
+    # Python's json writes and reads NaN/Infinity by default; strict readers refuse them.
+    path = write(tmp_path, "r.tsv", HEADER + "a\t1.0\tnan\tkeep\tbaseline\n"
+                                              "b\tnan\t0.0\tcrash\tdiverged\n"
+                                              "c\t-inf\tinf\tcrash\tdiverged harder\n"
+                                              "d\t0.9\tinf\tkeep\tone\n"
+                                              "e\tinf\t40.0\tdiscard\tnot a number\n")
+    r = run_cli(path, "--json")
     assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout, parse_constant=_no_constants)
+    s = data["files"][0]
+    assert s["baseline"]["memory_gb"] is None and s["best"]["memory_gb"] is None
+    assert (s["experiments"], s["kept"], s["crashed"]) == (3, 1, 2)
+    assert "memory_gb nan is not a finite number; read as unknown" in r.stderr
+    assert f"{path}:6: status discard with val_bpb inf; skipped" in r.stderr
+    assert "1.000000  (#0 a, ? GB) baseline" in run_cli(path).stdout
+
+
+def test_to_json_nulls_any_non_finite_number():
+    data = analysis.to_json([{"path": "x", "best": None, "noise": math.inf, "steps": [{"delta": -math.nan}]}])
+    assert data["files"][0]["noise"] is None and data["files"][0]["steps"][0]["delta"] is None
+    json.dumps(data, allow_nan=False)
+
+
+def test_100k_lines_in_seconds(tmp_path):
+    # Noise reruns of many commits made the noise measurement quadratic: 100k lines took 131 s.
+    lines = [HEADER.rstrip("\n")]
+    for i in range(50_000):
+        status = "keep" if i % 10 == 0 else "discard"
+        val = 1.0 - i * 1e-6 if status == "keep" else 1.0 + (i % 7) * 1e-3
+        lines.append(f"{i:07x}\t{val:.6f}\t44.0\t{status}\tchange {i}")
+        lines.append(f"{i:07x}\t{val + (i % 3) * 1e-4:.6f}\t44.0\tnoise\trerun")
+    path = write(tmp_path, "big.tsv", "\n".join(lines) + "\n")
+    start = time.monotonic()
+    r = run_cli(path, "--json", timeout=60)
+    elapsed = time.monotonic() - start
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)["files"][0]
+    assert (s["experiments"], s["kept"], s["noise_runs"]) == (49_999, 4_999, 50_000)
+    assert s["noise"] == pytest.approx(2e-4)
+    assert elapsed < 15, f"100k lines took {elapsed:.1f} s"
+
+
+def test_warnings_are_capped_on_stderr_but_all_in_json(tmp_path):
+    path = write(tmp_path, "r.tsv", HEADER + "junk\n" * 15 + "a\t1.0\t1.0\tkeep\tbaseline\n")
+    r = run_cli(path, "--json")
+    assert r.returncode == 0
+    assert r.stderr.count("expected 5 tab-separated columns") == analysis.MAX_WARNINGS
+    assert f"{path}: {15 - analysis.MAX_WARNINGS} more not shown" in r.stderr
+    assert len(json.loads(r.stdout)["files"][0]["warnings"]) == 15
+
+
+def test_unreadable_results_file_is_one_line(tmp_path):
+    r = run_cli(tmp_path)  # a folder, not a file
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot read") and "Traceback" not in r.stderr
+
+
+def _figure(tmp_path, *texts):
+    summaries = []
+    for i, text in enumerate(texts):
+        path = write(tmp_path, f"gpu{i}.tsv", text)
+        summaries.append(analysis.summarize(analysis.parse(path)[0], path))
+    png = tmp_path / "progress.png"
+    fig = analysis.plot(summaries, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return fig, fig.axes[0]
+
+
+def _by_kind(ax):
+    """x (and y) of each kind of marker drawn, by the gid the plot gives each scatter."""
+    return {c.get_gid(): c for c in ax.collections}
+
+
+def test_plot_labels_stay_inside_the_frame(tmp_path):
+    # Long descriptions on kept steps at both ends of the x axis and at the bottom of the frame.
+    long = "a long description of what changed, " * 4
+    text = HEADER + "".join(f"{i:07x}\t{1.0 - 0.01 * i:.6f}\t44.0\tkeep\t{long}{i}\n" for i in range(8))
+    fig, ax = _figure(tmp_path, text)
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    assert len(ax.texts) == 7                          # one label per kept step
+    for t in ax.texts:
+        box = t.get_window_extent(renderer)
+        assert frame.x0 - 0.5 <= box.x0 and box.x1 <= frame.x1 + 0.5, (t.get_text(), box, frame)
+        assert frame.y0 - 0.5 <= box.y0 and box.y1 <= frame.y1 + 0.5, (t.get_text(), box, frame)
+
+
+def test_plot_numbers_without_gaps(tmp_path):
+    # NIGHT's noise rerun (b2c3d4e, experiment #1) takes no x position: experiments are 0..5.
+    fig, ax = _figure(tmp_path, NIGHT)
+    assert list(ax.lines[0].get_xdata()) == [0, 1, 2, 3, 4, 5]
+    kinds = _by_kind(ax)
+    xs = {kind: list(c.get_offsets()[:, 0]) for kind, c in kinds.items()}
+    assert xs == {"baseline": [0], "kept": [1, 4, 5], "discarded": [2], "crash": [3], "noise rerun": [1]}
+    assert list(kinds["noise rerun"].get_offsets()[:, 1]) == [0.993900]
+
+
+def test_plot_discards_are_visible(tmp_path):
+    wild = "9999999\t3.000000\t44.0\tdiscard\tdiverged\n"
+    fig, ax = _figure(tmp_path, NIGHT + wild)
+    kinds = _by_kind(ax)
+    discarded = kinds["discarded"]
+    assert len(discarded.get_offsets()) == 1
+    assert discarded.get_alpha() >= 0.5 and min(discarded.get_sizes()) >= 20
+    assert discarded.get_edgecolor()[0][3] > 0         # drawn outline, not a faint dot
+    # A wild discard is not lost off the top: it sits on the top edge.
+    assert list(kinds["discarded, above"].get_offsets()[:, 0]) == [6]
+    assert ax.get_ylim()[1] < 3.0
+
+
+def test_plot_legend_has_every_kind(tmp_path):
+    fig, ax = _figure(tmp_path, NIGHT)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["running best", "baseline", "kept", "discarded", "noise rerun", "crash"]
+    fig, ax = _figure(tmp_path, NIGHT, HEADER + "1111111\t0.998000\t44.0\tkeep\tbaseline\n")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["gpu0", "gpu1", "baseline", "kept", "discarded", "noise rerun", "crash"]
 
 
 def test_plot_several_and_empty(night, tmp_path):
@@ -213,8 +375,33 @@ def test_plot_several_and_empty(night, tmp_path):
     png = tmp_path / "two.png"
     analysis.plot(summaries, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    analysis.plot([analysis.summarize([], "empty.tsv")], tmp_path / "none.png")
-    assert (tmp_path / "none.png").stat().st_size > 0
+    fig = analysis.plot([analysis.summarize([], "empty.tsv")], tmp_path / "none.png")
+    assert (tmp_path / "none.png").stat().st_size > 0 and fig.axes[0].get_legend() is None
+
+
+def test_plot_into_a_missing_folder(night, tmp_path):
+    png = tmp_path / "plots" / "mar5" / "progress.png"
+    r = run_cli(night, "--plot", png)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in r.stdout
+
+
+def test_plot_without_a_suffix_says_the_file_it_wrote(night, tmp_path):
+    r = run_cli(night, "--plot", tmp_path / "progress")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {tmp_path / 'progress.png'}" in r.stdout and (tmp_path / "progress.png").is_file()
+
+
+@pytest.mark.parametrize("where, code, message", [
+    ("file.txt/progress.png", 1, "error: cannot write the plot"),   # a folder that is a file
+    ("progress.xyz", 2, "unknown image type .xyz"),
+    ("", 2, "is a folder: name the image"),
+])
+def test_plot_that_cannot_be_written_is_one_line(night, tmp_path, where, code, message):
+    (tmp_path / "file.txt").write_text("not a folder")
+    r = run_cli(night, "--plot", tmp_path / where)
+    assert r.returncode == code and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
 
 
 def test_import_is_light():
