@@ -18,10 +18,14 @@ heavy at import: kernels load when `select_attention` runs.
 import contextlib
 import gc
 import importlib.util
+import math
 import os
 import socket
 import sys
 from urllib.parse import urlparse
+
+# Read when torch first touches the GPU, so set before: fewer allocator stalls and less fragmentation.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +37,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 #
 # Every layer calls `attention(q, k, v, window_size)`. Which kernel computes it is
 # decided once, by `select_attention()`, first choice first:
-#   fa4  - FlashAttention-4 (CuTe DSL kernels, PyPI `flash-attn-4`) through
-#          FlexAttention's FLASH backend (Hopper and Blackwell)
+#   fa4  - FlashAttention-4 (CuTe DSL kernels, PyPI `flash-attn-4`; Hopper and Blackwell),
+#          as one custom op that torch.compile treats as opaque
 #   fa3  - Flash Attention 3 from the Hugging Face hub via `kernels` (other GPUs)
 #   flex - FlexAttention with its Triton kernels, the same sliding windows (any CUDA GPU)
 #   sdpa - exact masked attention with F.scaled_dot_product_attention (CPU)
@@ -45,7 +49,7 @@ BACKENDS = ("fa4", "fa3", "flex", "sdpa")
 _backend = None      # one of BACKENDS, set by select_attention()
 _fa3 = None          # the flash_attn_interface module when the backend is fa3
 _flex = None         # flex_attention, compiled on CUDA
-_flex_options = None # FlexAttention kernel options: {"BACKEND": "FLASH"} for fa4
+_fa4 = None          # the custom op wrapping FA4's kernels when the backend is fa4
 _block_masks = {}    # (T, left window, device type) -> BlockMask, built outside torch.compile
 
 
@@ -100,7 +104,7 @@ def _load_fa3():
 def select_attention(device, prefer=None):
     """Pick the attention backend for `device` once; return a one-line description that
     names the backend and why each earlier choice was skipped."""
-    global _backend, _fa3, _flex, _flex_options
+    global _backend, _fa3, _fa4, _flex
     prefer = prefer or os.environ.get("AUTORESEARCH_ATTENTION", "auto")
     if prefer not in ("auto", *BACKENDS):  # a user's setting: one line, not a traceback
         raise SystemExit(f"attention: AUTORESEARCH_ATTENTION={prefer!r}: use {', '.join(BACKENDS)}")
@@ -109,10 +113,12 @@ def select_attention(device, prefer=None):
     if prefer in ("auto", "fa4"):
         why = _fa4_unavailable(device)
         if why is None:
-            _backend, _flex_options = "fa4", {"BACKEND": "FLASH"}
-            _flex = torch.compile(flex_attention, dynamic=False)
-            _fa4_persistent_cache()
-            return "fa4 (FlashAttention-4 through FlexAttention's FLASH backend)"
+            try:
+                _fa4 = _fa4 or _fa4_op()  # an op is registered once per process
+                _backend = "fa4"
+                return "fa4 (FlashAttention-4, kernels cached on disk)"
+            except Exception as e:  # a broken install or driver: say so, take the next backend
+                why = f"flash-attn-4 could not be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         if prefer == "fa4":
             raise SystemExit(f"attention: fa4 was asked for, but {why}")
         skipped.append(f"no FA4: {why}")
@@ -130,17 +136,63 @@ def select_attention(device, prefer=None):
         # Compiled, flex_attention is a fused sliding-window kernel; eager it is a slow reference.
         # (FlexAttention has no backward on CPU: there it is only good for forward checks.)
         _flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
-        _backend, _flex_options = "flex", None
+        _backend = "flex"
         return "; ".join(["flex (PyTorch FlexAttention, Triton kernels, same windows)", *skipped])
     _backend = "sdpa"
     return "; ".join(["sdpa (exact masked attention)", *skipped])
 
 
-def _fa4_persistent_cache():
-    """FA4 compiles its CuTe kernels on first use (~20 s); keep them on disk between runs,
-    so only a machine's first run pays, and an edit to the model never recompiles attention."""
-    os.environ.setdefault("CUTE_DSL_CACHE_DIR", os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "autoresearch", "cute_dsl"))
+def _fa4_op():
+    """FA4's forward and backward kernels as one custom op with its own autograd.
+
+    Called inside the compiled model, FA4's Python entry point breaks the graph 6-10
+    times a call (measured: slower than FlexAttention's FLASH backend); as an opaque
+    op it is one node. Its window is a runtime argument, so one compiled kernel pair
+    serves every window size. Built once, on first use (importing FA4 takes seconds).
+    """
+    # FA4 compiles its kernels on first use (~7 s each kind); keep them on disk so only a
+    # machine's first run pays, and an edit to the model never recompiles attention. Read
+    # once, at import, so set before it. The cache is keyed by FA4's sources and versions.
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    def left_bound(left, T):
+        return None if left >= T - 1 else left  # full causal: FA4's plain causal path
+
+    @torch.library.custom_op("autoresearch::fa4_attention", mutates_args=(), device_types="cuda")
+    def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = _flash_attn_fwd(q, k, v, causal=True, window_size_left=left_bound(left, q.size(1)),
+                                   window_size_right=0, return_lse=True)[:2]
+        return out, lse  # (B, T, H, D), (B, H, T) float32
+
+    @fa4_attention.register_fake
+    def _(q, k, v, left):
+        B, T, H, _ = q.shape
+        return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+    @torch.library.custom_op("autoresearch::fa4_attention_backward", mutates_args=(), device_types="cuda")
+    def fa4_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                               dout: torch.Tensor, lse: torch.Tensor, left: int
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, causal=True,
+                                     window_size_left=left_bound(left, q.size(1)), window_size_right=0)[:3]
+        return dq, dk, dv
+
+    @fa4_attention_backward.register_fake
+    def _(q, k, v, out, dout, lse, left):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, left = inputs
+        ctx.save_for_backward(q, k, v, *output)
+        ctx.left = left
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*fa4_attention_backward(q, k, v, out, dout.contiguous(), lse, ctx.left), None)
+
+    fa4_attention.register_autograd(backward, setup_context=setup_context)
+    return fa4_attention
 
 
 def attention_backend():
@@ -150,7 +202,7 @@ def attention_backend():
 
 def prepare_attention(seq_len, window_sizes, device):
     """Build FlexAttention's block masks before torch.compile sees the model (no-op otherwise)."""
-    if _backend in ("fa4", "flex"):
+    if _backend == "flex":
         for left, _ in window_sizes:
             _flex_block_mask(seq_len, left, torch.device(device))
 
@@ -175,6 +227,8 @@ def attention(q, k, v, window_size):
     """
     if _backend is None:
         select_attention(q.device)
+    if _backend == "fa4":
+        return _fa4(q, k, v, window_size[0])[0]
     if _backend == "fa3":
         y = _fa3.flash_attn_func(q, k, v, causal=True, window_size=window_size)
         return y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the softmax LSE
@@ -182,11 +236,10 @@ def attention(q, k, v, window_size):
     left = window_size[0]
     gqa = k.size(2) != H
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    if _backend in ("fa4", "flex"):
+    if _backend == "flex":
         # inside the compiled model the plain op is captured and fused; called eagerly, use the compiled one
         flex = flex_attention if torch.compiler.is_compiling() else _flex
-        y = flex(q, k, v, block_mask=_flex_block_mask(T, left, q.device), enable_gqa=gqa,
-                 kernel_options=_flex_options)
+        y = flex(q, k, v, block_mask=_flex_block_mask(T, left, q.device), enable_gqa=gqa)
     elif left >= T - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
@@ -293,6 +346,20 @@ def check_param_groups(model, optimizer):
         raise RunError(f"parameter(s) in more than one optimizer group: {', '.join(twice)}")
     if foreign:
         raise RunError(f"{len(foreign)} optimizer parameter(s) are not parameters of the model")
+
+def check_loss(loss, step):
+    """A diverged run stops: loss NaN or above 100 prints FAIL and exits 1."""
+    if not math.isfinite(loss) or loss > 100:
+        print(f"\nFAIL: loss {loss} at step {step}", flush=True)
+        sys.exit(1)
+
+
+def smoke_line(settings, smoke_settings, smoke_steps):
+    """What a smoke run replaces, on one line: nobody should mistake it for a test of their edit."""
+    from constants import EVAL_TOKENS, MAX_SEQ_LEN
+    replaced = ", ".join(f"{name} {settings[name]} -> {value}" for name, value in smoke_settings.items())
+    return (f"{replaced}, TIME_BUDGET -> {smoke_steps} steps "
+            f"(and from constants.py: MAX_SEQ_LEN={MAX_SEQ_LEN}, EVAL_TOKENS={EVAL_TOKENS:,})")
 
 # =============================================================================
 # Fitting the micro-batch to memory
@@ -416,6 +483,19 @@ def print_identity(lines):
     for name, value in lines:
         print(f"{name + ':':<13}{value}")
     sys.stdout.flush()
+
+
+def print_summary(items):
+    """The block a machine reads, the last thing a run prints: `---`, then keys padded to 18 columns."""
+    print("---")
+    for key, value in items:
+        print(f"{key + ':':<18}{value}")
+    sys.stdout.flush()
+
+
+def peak_memory_mib():
+    """The CUDA allocator's peak in MiB (0 on a CPU)."""
+    return torch.cuda.max_memory_allocated() / 1024 / 1024 if torch.cuda.is_available() else 0.0
 
 
 def fingerprint_line(fingerprints):

@@ -14,14 +14,8 @@ the run's identity) from `runtime.py`. Those three are fixed: do not edit them.
 Importing this file builds nothing: the run lives in `main()`.
 """
 
-import os
-
-# Must be set before torch initialises CUDA: fewer allocator stalls and less fragmentation.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
 import gc
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import runtime
+import runtime  # also sets the CUDA allocator's options, before the run touches the GPU
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, SMOKE, TIME_BUDGET
 from prepare import Tokenizer, check_evaluation, evaluate_bpb, make_dataloader, verify_data
 from runtime import attention  # causal sliding-window attention; replace it here to try your own
@@ -318,7 +312,7 @@ def polar_express(g, steps=5):
     return X
 
 
-def normuon(update, second_moment, beta2_t, red_dim):
+def normuon(update, second_moment, beta2, red_dim):
     """NorMuon (Li et al., 2025): equalise the scale of the update's rows (or columns).
 
     An orthogonalised update has uneven per-neuron magnitudes. Track an EMA (beta2) of
@@ -331,7 +325,7 @@ def normuon(update, second_moment, beta2_t, red_dim):
     n = update.size(red_dim)
     mean_sq = update.float().square().mean(dim=red_dim, keepdim=True)
     norm_before = (mean_sq.sum(dim=(-2, -1), keepdim=True) * n).sqrt()
-    second_moment.lerp_(mean_sq.to(second_moment.dtype), 1 - beta2_t.to(second_moment.dtype))
+    second_moment.lerp_(mean_sq.to(second_moment.dtype), 1 - beta2)
     step_size = second_moment.clamp_min(1e-10).rsqrt()
     # ‖update · step_size‖_F, without building the scaled matrix
     norm_after = (mean_sq * n * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
@@ -349,27 +343,25 @@ def cautious_step(params, update, lr, weight_decay):
     params.sub_(lr * update + lr * weight_decay * params * mask)
 
 
-def muon_step(grads, params, momentum_buffer, second_moment, lr_t, momentum_t, wd_t, beta2_t,
-              ns_steps: int, red_dim: int):
+def muon_step(grads, params, momentum_buffer, second_moment, lr, momentum, weight_decay, beta2, ns_steps, red_dim):
     """One Muon step for a stack of same-shape matrices: (N, rows, cols) each, updated in place."""
-    momentum = momentum_t.to(grads.dtype)
     # Nesterov: the buffer moves toward the gradient; the update looks ahead along the buffer
     momentum_buffer.lerp_(grads, 1 - momentum)
     update = grads.lerp_(momentum_buffer, momentum)
     update = polar_express(update, ns_steps)
-    update = normuon(update, second_moment, beta2_t, red_dim)
-    cautious_step(params, update.to(params.dtype), lr_t.to(params.dtype), wd_t.to(params.dtype))
+    update = normuon(update, second_moment, beta2, red_dim)
+    cautious_step(params, update.to(params.dtype), lr, weight_decay)
 
 
-def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
+def adamw_step(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
     """AdamW for one tensor: decoupled decay, moments by lerp, bias correction."""
-    p.mul_(1 - lr_t * wd_t)
-    exp_avg.lerp_(grad, 1 - beta1_t)
-    exp_avg_sq.lerp_(grad.square(), 1 - beta2_t)
-    bias1 = 1 - beta1_t**step_t
-    bias2 = 1 - beta2_t**step_t
-    denom = (exp_avg_sq / bias2).sqrt() + eps_t
-    p.add_(exp_avg / denom * (-lr_t / bias1))
+    p.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2)
+    bias1 = 1 - beta1**step
+    bias2 = 1 - beta2**step
+    denom = (exp_avg_sq / bias2).sqrt() + eps
+    p.add_(exp_avg / denom * (-lr / bias1))
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -378,16 +370,10 @@ class MuonAdamW(torch.optim.Optimizer):
     Every group says its kind: "adamw" (lr, betas, eps, weight_decay) or "muon" (lr,
     momentum, ns_steps, beta2, weight_decay; all params of one shape). A Muon group is
     stepped as one stacked (N, rows, cols) tensor with lr scaled by max(1, rows/cols)^0.5.
-    AdamW's bias correction counts the steps of its group. The step runs eagerly: plain
-    PyTorch ops, so any edit here takes effect as written.
-
-    The per-step numbers (lr, momentum, decay, betas, step count) reach the kernels as 0-d
-    views of one tensor on the params' device, refilled by a single copy each step: no
-    host-device round trip per number.
+    AdamW's bias correction counts the steps of its group. The step runs eagerly, so an
+    edit here takes effect as written: measured on an H100, a CUDA graph or torch.compile
+    of the step trains no faster inside the loop (the launches overlap the backward's tail).
     """
-
-    ADAMW_FIELDS = ("lr", "beta1", "beta2", "eps", "wd", "step")
-    MUON_FIELDS = ("lr", "momentum", "wd", "beta2")
 
     def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
@@ -397,33 +383,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 assert len({p.shape for p in group["params"]}) == 1, "a muon group holds one shape"
                 assert group["params"][0].ndim == 2, "muon is for matrices"
             group.setdefault("step", 0)
-        device = self.param_groups[0]["params"][0].device
-        # one row of hyperparameters per group, staged on the host, copied to the device once a step
-        self._hyper = torch.zeros(len(self.param_groups), len(self.ADAMW_FIELDS), device=device)
-        self._hyper_host = torch.zeros(self._hyper.shape, pin_memory=device.type == "cuda")
-        self._hyper_copied = None  # CUDA event: the host-to-device copy of _hyper_host is done
 
-    def _stage_hyperparameters(self):
-        rows = []
-        for group in self.param_groups:
-            group["step"] += 1
-            if group["kind"] == "adamw":
-                row = [group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["step"]]
-            else:
-                rows_, cols = group["params"][0].shape
-                row = [group["lr"] * max(1.0, rows_ / cols) ** 0.5, group["momentum"], group["weight_decay"],
-                       group["beta2"], 0.0, 0.0]
-            rows.append(row)
-        if self._hyper_copied is not None:
-            self._hyper_copied.synchronize()  # last step's copy has left the host buffer (normally long ago)
-        self._hyper_host.copy_(torch.tensor(rows, dtype=torch.float32))
-        self._hyper.copy_(self._hyper_host, non_blocking=True)
-        if self._hyper.is_cuda:
-            self._hyper_copied = torch.cuda.Event()
-            self._hyper_copied.record()
-
-    def _step_adamw(self, index, group):
-        t = dict(zip(self.ADAMW_FIELDS, self._hyper[index].unbind()))
+    def _step_adamw(self, group):
+        beta1, beta2 = group["betas"]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -431,10 +393,10 @@ class MuonAdamW(torch.optim.Optimizer):
             if not state:
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-            adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                       t["step"], t["lr"], t["beta1"], t["beta2"], t["eps"], t["wd"])
+            adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group["step"], group["lr"], beta1, beta2,
+                       group["eps"], group["weight_decay"])
 
-    def _step_muon(self, index, group):
+    def _step_muon(self, group):
         params = group["params"]
         if any(p.grad is None for p in params):
             return
@@ -446,20 +408,21 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype, device=params[0].device)
             moment_shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
             state["second_moment"] = torch.zeros(moment_shape, dtype=params[0].dtype, device=params[0].device)
-        t = dict(zip(self.MUON_FIELDS, self._hyper[index, :len(self.MUON_FIELDS)].unbind()))
         stacked_params = torch.stack(params)
         muon_step(torch.stack([p.grad for p in params]), stacked_params, state["momentum_buffer"],
-                  state["second_moment"], t["lr"], t["momentum"], t["wd"], t["beta2"], group["ns_steps"], red_dim)
+                  state["second_moment"], group["lr"] * max(1.0, rows / cols) ** 0.5, group["momentum"],
+                  group["weight_decay"], group["beta2"], group["ns_steps"], red_dim)
         torch._foreach_copy_(params, list(stacked_params.unbind(0)))
 
     @torch.no_grad()
     def step(self):
-        self._stage_hyperparameters()
-        for index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
+            group["step"] += 1
             if group["kind"] == "adamw":
-                self._step_adamw(index, group)
+                self._step_adamw(group)
             else:
-                self._step_muon(index, group)
+                self._step_muon(group)
+
 
 # =============================================================================
 # Hyperparameters (edit these)
@@ -493,9 +456,7 @@ FINAL_LR_FRAC = 0.0             # LR multiplier at the very end
 SMOKE_STEPS = 20
 SMOKE_SETTINGS = dict(DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=32, DEVICE_BATCH_SIZE=4, TOTAL_BATCH_SIZE=4 * MAX_SEQ_LEN)
 if SMOKE:
-    SMOKE_LINE = ("smoke: " + ", ".join(f"{name} {globals()[name]} -> {value}" for name, value in SMOKE_SETTINGS.items())
-                  + f", TIME_BUDGET -> {SMOKE_STEPS} steps (MAX_SEQ_LEN={MAX_SEQ_LEN}, EVAL_TOKENS={EVAL_TOKENS:,}"
-                  " from constants.py)")
+    SMOKE_LINE = runtime.smoke_line(globals(), SMOKE_SETTINGS, SMOKE_STEPS)  # what it replaced, for the log
     globals().update(SMOKE_SETTINGS)
 
 
@@ -505,10 +466,6 @@ def model_config(vocab_size):
     heads = width // HEAD_DIM
     return GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=DEPTH, n_head=heads,
                      n_kv_head=heads, n_embd=width, window_pattern=WINDOW_PATTERN)
-
-# =============================================================================
-# Schedules
-# =============================================================================
 
 
 def training_progress(step, training_seconds):
@@ -575,13 +532,6 @@ def train_step(model, optimizer, batches, grad_accum_steps, step, progress, auto
     return loss.detach(), epoch
 
 
-def check_loss(loss, step):
-    """A diverged run stops: loss NaN or above 100 prints FAIL and exits 1."""
-    if not math.isfinite(loss) or loss > 100:
-        print(f"\nFAIL: loss {loss} at step {step}")
-        sys.exit(1)
-
-
 def main():
     t_start = time.time()
     device = runtime.pick_device(SMOKE)  # CUDA; a CPU only in a smoke run
@@ -610,7 +560,7 @@ def main():
         ("data", runtime.fingerprint_line(fingerprints)),
         ("constants", f"MAX_SEQ_LEN={MAX_SEQ_LEN} TIME_BUDGET={TIME_BUDGET} EVAL_TOKENS={EVAL_TOKENS:,}"
                       + (" (smoke)" if SMOKE else "")),
-        *([("smoke", SMOKE_LINE[len("smoke: "):])] if SMOKE else []),
+        *([("smoke", SMOKE_LINE)] if SMOKE else []),
         ("model", f"DEPTH={DEPTH} width={config.n_embd} heads={config.n_head}x{config.n_embd // config.n_head} "
                   f"windows={[w for w, _ in shape.window_sizes]} vocab={config.vocab_size:,} "
                   f"params={num_params:,} flops/token={flops_per_token:.3e}"),
@@ -619,6 +569,7 @@ def main():
     def first_step(micro_batch):
         """Build everything at this micro-batch and run step 0: it allocates all the run holds,
         and it runs the evaluation's path, so a crash there shows now, not after the budget."""
+        t0 = time.time()
         model, optimizer = build_model(config, device)
         runtime.check_param_groups(model, optimizer)  # a parameter outside every group would never train
         runtime.prepare_attention(config.sequence_len, model.window_sizes, device)
@@ -626,7 +577,6 @@ def main():
             # one compiled graph for the loss: training takes its mean, evaluation its per-token values
             model.losses = torch.compile(model.losses, dynamic=False)
         batches = make_dataloader(tokenizer, micro_batch, MAX_SEQ_LEN, "train", device=device)
-        t0 = time.time()
         loss, epoch = train_step(model, optimizer, batches, rows_per_step // micro_batch, 0, 0.0, autocast)
         with autocast:
             check_evaluation(runtime.evaluation_model(model), tokenizer, micro_batch)
@@ -637,15 +587,12 @@ def main():
     t_fit = time.time()
     (model, optimizer, batches, train_loss, step0_seconds), micro_batch, fit_note = runtime.fit_micro_batch(
         first_step, DEVICE_BATCH_SIZE, rows_per_step)
-    fit_seconds = time.time() - t_fit - step0_seconds  # attempts that did not fit
+    fit_seconds = time.time() - t_fit - step0_seconds  # the attempts that did not fit
     grad_accum_steps = rows_per_step // micro_batch
-    runtime.print_identity([
-        ("batch", f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE:,} = micro-batch {micro_batch} x MAX_SEQ_LEN={MAX_SEQ_LEN} "
-                  f"x {grad_accum_steps} accumulation steps" + (f" ({fit_note})" if fit_note else "")),
-    ])
-    t_train_start = t_fit + fit_seconds
-
-    check_loss(train_loss, 0)
+    runtime.print_identity([("batch", f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE:,} = micro-batch {micro_batch} x "
+                                      f"MAX_SEQ_LEN={MAX_SEQ_LEN} x {grad_accum_steps} accumulation steps"
+                                      + (f" ({fit_note})" if fit_note else ""))])
+    runtime.check_loss(train_loss, 0)  # a diverged run (NaN or above 100) prints FAIL and exits 1
 
     # Python's GC walks every live object: a pass costs ~0.5 s mid-run. After step 0
     # everything long-lived exists; freeze it and collect by hand, rarely.
@@ -656,15 +603,15 @@ def main():
     # -------------------------------------------------------------------------
     # Training loop: steps 1, 2, ... until TIME_BUDGET seconds of timed steps
     # -------------------------------------------------------------------------
-    training_seconds, warmup_seconds, timed_steps, smooth_loss = 0.0, step0_seconds, 0, 0.0
+    training_seconds, warmup_seconds, timed_steps, smooth_loss = 0.0, step0_seconds, 0, 0.1 * train_loss
     step = 1
     while step <= UNTIMED_STEPS or training_progress(step, training_seconds) < 1.0:
         sync()
         t0 = time.time()
         progress = training_progress(step, training_seconds)
         train_loss, epoch = train_step(model, optimizer, batches, grad_accum_steps, step, progress, autocast)
-        check_loss(train_loss.item(), step)
-        sync()
+        train_loss = train_loss.item()  # waits for the step
+        runtime.check_loss(train_loss, step)
         dt = time.time() - t0
         if step >= UNTIMED_STEPS:
             training_seconds += dt
@@ -672,8 +619,8 @@ def main():
         else:
             warmup_seconds += dt
 
-        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss.item()
-        debiased_loss = smooth_loss / (1 - 0.9 ** step)
+        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+        debiased_loss = smooth_loss / (1 - 0.9 ** (step + 1))
         tokens_per_second = TOTAL_BATCH_SIZE / dt
         mfu = 100 * flops_per_token * tokens_per_second / peak_flops if peak_flops else 0.0
         remaining = max(0.0, TIME_BUDGET - training_seconds)
@@ -695,26 +642,19 @@ def main():
     with autocast:
         val_bpb = evaluate_bpb(runtime.evaluation_model(model), tokenizer, micro_batch)
     t_end = time.time()
-    print(f"overhead:    startup {t_train_start - t_start:.1f} s" + (f" (fitting to memory {fit_seconds:.1f} s)"
-          if fit_note else "") + f", warm-up steps {warmup_seconds:.1f} s (step 0 with the evaluation check: "
-          f"{step0_seconds:.1f} s), evaluation {t_end - t_eval:.1f} s")
-
-    peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if use_cuda else 0.0
-    mfu_percent = 0.0
-    if peak_flops and training_seconds > 0:
-        mfu_percent = 100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_seconds / peak_flops
+    print(f"overhead:    startup {t_fit - t_start:.1f} s" + (f", fitting to memory {fit_seconds:.1f} s" if fit_note
+          else "") + f", warm-up steps {warmup_seconds:.1f} s (step 0 with the evaluation check: {step0_seconds:.1f} s)"
+          f", evaluation {t_end - t_eval:.1f} s")
     if SMOKE:
         print("smoke run (AUTORESEARCH_SMOKE=1): tiny model, fixed steps; these numbers are not comparable")
-    print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
-    print(f"training_seconds: {training_seconds:.1f}")
-    print(f"total_seconds:    {t_end - t_start:.1f}")
-    print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
-    print(f"mfu_percent:      {mfu_percent:.2f}")
-    print(f"total_tokens_M:   {step * TOTAL_BATCH_SIZE / 1e6:.1f}")
-    print(f"num_steps:        {step}")
-    print(f"num_params_M:     {num_params / 1e6:.1f}")
-    print(f"depth:            {DEPTH}")
+    mfu_percent = 100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_seconds / peak_flops \
+        if peak_flops and training_seconds > 0 else 0.0
+    runtime.print_summary([  # the last thing printed: `key: value` lines after `---`, read by machines
+        ("val_bpb", f"{val_bpb:.6f}"), ("training_seconds", f"{training_seconds:.1f}"),
+        ("total_seconds", f"{t_end - t_start:.1f}"), ("peak_vram_mb", f"{runtime.peak_memory_mib():.1f}"),
+        ("mfu_percent", f"{mfu_percent:.2f}"), ("total_tokens_M", f"{step * TOTAL_BATCH_SIZE / 1e6:.1f}"),
+        ("num_steps", step), ("num_params_M", f"{num_params / 1e6:.1f}"), ("depth", DEPTH),
+    ])
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ def test_normuon_keeps_frobenius_norm_and_state_shape(shape, red_dim):
     torch.manual_seed(0)
     state_shape = (shape[0], shape[1], 1) if red_dim == -1 else (shape[0], 1, shape[2])
     second_moment = torch.zeros(state_shape)
-    beta2 = torch.tensor(0.95)
+    beta2 = 0.95
     for _ in range(3):
         # rows (or columns) of very different scales
         update = torch.randn(shape) * torch.logspace(-2, 1, shape[-1 if red_dim == -2 else -2]).reshape(
@@ -236,7 +236,7 @@ def test_normuon_keeps_frobenius_norm_and_state_shape(shape, red_dim):
 def test_normuon_ema():
     second_moment = torch.zeros(1, 2, 1)
     update = torch.tensor([[[1.0, 1.0], [2.0, 2.0]]])  # row mean squares 1 and 4
-    train.normuon(update, second_moment, torch.tensor(0.95), -1)
+    train.normuon(update, second_moment, 0.95, -1)
     torch.testing.assert_close(second_moment.flatten(), torch.tensor([0.05, 0.2]))
 
 
@@ -244,7 +244,7 @@ def test_cautious_decay_touches_only_same_sign_entries():
     torch.manual_seed(0)
     p = torch.randn(50, 40)
     update = torch.randn(50, 40)
-    lr, wd = torch.tensor(0.1), torch.tensor(0.5)
+    lr, wd = 0.1, 0.5
     new = p.clone()
     train.cautious_step(new, update, lr, wd)
     same = (p * update) > 0
@@ -292,7 +292,7 @@ def test_muon_step_matches_its_parts():
     torch.manual_seed(0)
     grads, params = torch.randn(2, 48, 16), torch.randn(2, 48, 16)
     buf, moment = torch.randn(2, 48, 16), torch.zeros(2, 48, 1)
-    lr, mom, wd, beta2 = (torch.tensor(v) for v in (0.03, 0.9, 0.1, 0.95))
+    lr, mom, wd, beta2 = 0.03, 0.9, 0.1, 0.95
     # expected, by hand
     exp_buf = buf + (grads - buf) * 0.1
     nesterov = grads + (exp_buf - grads) * 0.9
@@ -485,10 +485,10 @@ def test_an_optimizer_edit_with_a_step_dependent_branch_takes_effect(sdpa_backen
     """An agent's Python decision inside the optimizer's step is made every step, never frozen."""
 
     class FreezeHeadAfterTwoSteps(MuonAdamW):
-        def _step_adamw(self, index, group):
+        def _step_adamw(self, group):
             if group["params"][0].ndim == 2 and group["params"][0].shape[0] == 97 and group["step"] > 2:
                 return  # an edit: stop training lm_head after step 2
-            super()._step_adamw(index, group)
+            super()._step_adamw(group)
 
     model = tiny_model(n_layer=2)
     optimizer = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, scalar_lr=0.5,
