@@ -1029,14 +1029,3 @@ def main(argv=None):
 if __name__ == "__main__":
     main()
 
-
-def verify_data():  # TEMPORARY stand-in, replaced by the integrity branch
-    return data_fingerprint()
-
-
-def check_evaluation(model, tokenizer, batch_size):  # TEMPORARY stand-in
-    T = MAX_SEQ_LEN
-    rows = torch.from_numpy(np.asarray(val_rows(tokenizer, T, EVAL_TOKENS // T)[:batch_size], dtype=np.int32))
-    rows = rows.to(next(model.parameters()).device).long()
-    with torch.no_grad():
-        model(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), reduction="none")
