@@ -1093,7 +1093,7 @@ def _evaluate(model, tokenizer, batch_size, max_batches=None):
         if i == 0:
             _check_causal(model, x, y, losses, tokenizer.get_vocab_size())
         nbytes = token_bytes[y[:n]]  # (n, T)
-        total_nats += (losses[:n] * (nbytes > 0)).sum(dtype=torch.float64)
+        total_nats += torch.where(nbytes > 0, losses[:n], 0.0).sum(dtype=torch.float64)
         total_bytes += nbytes.sum()
     if total_bytes.item() == 0:
         raise EvaluationFailed("the validation rows hold no bytes to measure")
