@@ -1148,15 +1148,16 @@ def _check_harness(recorded):
         raise PrepareError(f"prepare.py has recorded no fingerprints of the harness files in {CACHE_DIR}: "
                            f"run `uv run prepare.py`")
     now = harness_fingerprints()
-    accept = "or run `uv run prepare.py` to accept a deliberate change"
     for name, sha in now.items():
         if sha == recorded.get(name):
             continue
+        fix = f"restore it (git checkout {name}), or run `uv run prepare.py` to accept a deliberate change"
         if sha is None:
-            raise PrepareError(f"{name} is missing, but prepare.py recorded it: restore it (git checkout {name}), {accept}")
+            raise PrepareError(f"{name} is missing, but prepare.py recorded it: {fix}")
         if recorded.get(name) is None:
-            raise PrepareError(f"{name} is new since prepare.py recorded the harness: remove it, {accept}")
-        raise PrepareError(f"{name} differs from the one prepare.py recorded: restore it (git checkout {name}), {accept}")
+            raise PrepareError(f"{name} is new since prepare.py recorded the harness: remove it, "
+                               f"or run `uv run prepare.py` to accept a deliberate change")
+        raise PrepareError(f"{name} differs from the one prepare.py recorded: {fix}")
     return {name: sha[:12] if sha else "missing" for name, sha in now.items()}
 
 
