@@ -23,13 +23,15 @@ written to a temporary name and renamed, manifests are written last. A second
 run with nothing to do says so and changes nothing.
 
 Runtime API used by train.py: Tokenizer, get_token_bytes, make_dataloader,
-evaluate_bpb, data_fingerprint, CACHE_DIR, DATA_DIR, TOKENIZER_DIR.
+verify_data (checks everything val_bpb depends on, before training),
+check_evaluation, evaluate_bpb, CACHE_DIR, DATA_DIR, TOKENIZER_DIR.
 """
 
 import argparse
 import bisect
 import glob
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -90,6 +92,16 @@ TOKEN_CACHE_SHARDS = 16               # training shards tokenized at prepare tim
 IMPORT_VAL_FRACTION = 0.1             # the last 10% of documents become validation
 IMPORT_SHARD_DOCS = 65536             # documents per written shard
 IMPORT_ROW_GROUP = 1024               # documents per parquet row group
+
+# Evaluation: the causality check compares per-token losses (nats) of one row
+# before and after the tokens behind a cut point change. Deterministic kernels
+# give identical losses; the tolerance covers a few bf16 rounding steps.
+CAUSAL_ATOL, CAUSAL_RTOL = 0.02, 0.01 # allowed change: ATOL + RTOL * |loss|
+
+# The fixed harness: prepare.py records these files' sha256 in the cache manifest,
+# verify_data() refuses a run when one differs (a missing file is recorded as missing).
+HARNESS_FILES = ("constants.py", "prepare.py", "runtime.py")
+HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def set_cache_root(root):
@@ -505,11 +517,51 @@ class Tokenizer:
 
 
 def get_token_bytes(device="cpu"):
-    """int32 [vocab]: raw bytes each token stands for (0 for special tokens)."""
+    """int32 [vocab]: raw bytes each token stands for (0 for special tokens).
+    Checked against the hash in the tokenizer manifest before it is trusted: a
+    changed byte here silently rescales val_bpb."""
     path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
-    if not os.path.exists(path) or not os.path.exists(os.path.join(TOKENIZER_DIR, "manifest.json")):
+    manifest = _read_json(os.path.join(TOKENIZER_DIR, "manifest.json"))
+    if not os.path.exists(path) or manifest is None:
         raise PrepareError(f"no token_bytes.pt in {TOKENIZER_DIR}: {RUN_PREPARE}")
-    return torch.load(path, map_location="cpu", weights_only=True).to(device)
+    with open(path, "rb") as f:
+        blob = f.read()
+    if hashlib.sha256(blob).hexdigest()[:16] != manifest.get("token_bytes"):
+        raise PrepareError(f"{path} differs from the one prepare.py recorded: run `uv run prepare.py` to rebuild it")
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True).to(device)
+
+
+def _save_token_bytes(enc, path):
+    """Write the bytes-per-token table of enc; returns its short hash for the manifest.
+    Raw bytes (decode_single_token_bytes): a token that is part of a multi-byte
+    character counts its own bytes, not the 3 bytes of U+FFFD."""
+    specials = {enc.encode_single_token(name) for name in enc.special_tokens_set}
+    token_bytes = torch.tensor([0 if i in specials else len(enc.decode_single_token_bytes(i))
+                                for i in range(enc.n_vocab)], dtype=torch.int32)
+    _write_atomic(path, lambda f: torch.save(token_bytes, f))
+    return _sha256(path)[:16]
+
+
+def _repair_token_bytes():
+    """token_bytes.pt is derived from tokenizer.pkl: when only it fails its hash,
+    rebuild it from the pickle instead of training the tokenizer again.
+    Returns True when it was rebuilt."""
+    manifest_path = os.path.join(TOKENIZER_DIR, "manifest.json")
+    manifest = _read_json(manifest_path)
+    pkl_path, tb_path = os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), os.path.join(TOKENIZER_DIR, "token_bytes.pt")
+    try:
+        if manifest is None or _sha256(pkl_path)[:16] != manifest["id"]:
+            return False  # no trusted tokenizer: it is trained again anyway
+        if os.path.exists(tb_path) and _sha256(tb_path)[:16] == manifest["token_bytes"]:
+            return False
+        with open(pkl_path, "rb") as f:
+            enc = pickle.load(f)
+    except (OSError, KeyError, TypeError):
+        return False
+    manifest["token_bytes"] = _save_token_bytes(enc, tb_path)
+    _write_json(manifest_path, manifest)
+    print(f"tokenizer: {tb_path} did not match the manifest; rebuilt it from tokenizer.pkl", flush=True)
+    return True
 
 
 def _training_texts(paths, stats):
@@ -575,15 +627,10 @@ def train_tokenizer(train_paths):
     assert enc.n_vocab <= 1 << 16, "token cache stores uint16 ids"
     if enc.decode(enc.encode_ordinary(SANITY_TEXT)) != SANITY_TEXT:
         raise PrepareError("tokenizer round trip failed on the sanity text")
-    # Raw bytes per token (decode_single_token_bytes): a token that is part of a
-    # multi-byte character counts its own bytes, not the 3 bytes of U+FFFD.
-    token_bytes = torch.tensor([0 if i in specials.values() else len(enc.decode_single_token_bytes(i))
-                                for i in range(enc.n_vocab)], dtype=torch.int32)
     pkl_path = os.path.join(TOKENIZER_DIR, "tokenizer.pkl")
-    tb_path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
     _write_atomic(pkl_path, lambda f: pickle.dump(enc, f))
-    _write_atomic(tb_path, lambda f: torch.save(token_bytes, f))
-    manifest = {"id": _sha256(pkl_path)[:16], "token_bytes": _sha256(tb_path)[:16], "vocab_size": enc.n_vocab,
+    tb_hash = _save_token_bytes(enc, os.path.join(TOKENIZER_DIR, "token_bytes.pt"))
+    manifest = {"id": _sha256(pkl_path)[:16], "token_bytes": tb_hash, "vocab_size": enc.n_vocab,
                 **stats, "seconds": round(time.time() - t0, 1)}
     _write_json(manifest_path, manifest)
     print(f"tokenizer: vocab {enc.n_vocab} ({len(ranks)} merges+bytes, {len(specials)} special) trained on "
@@ -597,9 +644,11 @@ def train_tokenizer(train_paths):
 # new tokenizer never reads old tokens):
 #   NAME.tokens.npy   uint16, all documents back to back, each with BOS in front
 #   NAME.offsets.npy  int64 [docs + 1], where each document starts
-#   NAME.json         written last: the shard's size and mtime, docs per row group
+#   NAME.json         written last: the shard's size and mtime, docs per row group,
+#                     the token count and the sha256 of both .npy files
 # The row-group counts let the loader rebuild the published 128-document
-# batches (which restart at every row group) exactly.
+# batches (which restart at every row group) exactly. Every load checks the
+# structure (cheap); prepare.py and verify_data() also check the content hashes.
 
 
 def _cache_base(tokenizer_id, path):
@@ -649,27 +698,77 @@ def build_token_cache(tokenizer, path, pool, threads):
     os.makedirs(os.path.dirname(base), exist_ok=True)
     _write_atomic(base + ".tokens.npy", lambda f: np.save(f, tokens))
     _write_atomic(base + ".offsets.npy", lambda f: np.save(f, offsets))
-    _write_json(base + ".json", {"shard": _stamp(path), "row_groups": counts, "tokens": int(len(tokens))})
+    _write_json(base + ".json", {"shard": _stamp(path), "row_groups": counts, "tokens": int(len(tokens)),
+                                 "sha256": {part: _sha256(f"{base}.{part}.npy") for part in ("tokens", "offsets")}})
     return len(tokens)
+
+
+NOT_CACHED = "not cached"  # the one problem that is no fault: prepare.py has not tokenized the shard
+
+
+def _token_cache_fault(tokenizer, base, tokens, offsets, meta):
+    """What is structurally wrong with a cached shard's arrays, or None. One pass
+    over the tokens (ids below the vocabulary); the offsets are small."""
+    name = os.path.relpath(base, CACHE_DIR)
+    n_docs = sum(meta["row_groups"])
+    if tokens.dtype != np.uint16 or tokens.ndim != 1 or len(tokens) != meta["tokens"]:
+        return f"{name}.tokens.npy is not the {meta['tokens']} uint16 tokens recorded"
+    if offsets.dtype != np.int64 or offsets.shape != (n_docs + 1,):
+        return f"{name}.offsets.npy does not hold the {n_docs + 1} offsets recorded"
+    if offsets[0] != 0 or offsets[-1] != len(tokens) or not np.all(np.diff(offsets) > 0):
+        return f"{name}.offsets.npy does not rise from 0 to the token count"
+    if len(tokens) and int(tokens.max()) >= tokenizer.get_vocab_size():
+        return f"{name}.tokens.npy holds ids beyond the vocabulary ({tokenizer.get_vocab_size()})"
+    if not np.all(tokens[offsets[:-1]] == tokenizer.get_bos_token_id()):
+        return f"{name}.tokens.npy has documents that do not start with BOS"
+    return None
+
+
+def check_token_cache(tokenizer, path, content=False):
+    """(cached, problem) for one shard: cached = (tokens memmap, offsets, docs per
+    row group) when the cache is there, fresh (the shard's size and mtime match)
+    and sound, else None with problem one short phrase naming the file. content:
+    also compare both arrays with the sha256 recorded when they were written."""
+    if tokenizer.id is None:
+        return None, NOT_CACHED
+    base = _cache_base(tokenizer.id, path)
+    meta = _read_json(base + ".json")
+    if meta is None:
+        return None, NOT_CACHED
+    try:
+        if meta["shard"] != _stamp(path):
+            return None, NOT_CACHED  # the shard changed since: tokenized again, not a fault
+        tokens = np.load(base + ".tokens.npy", mmap_mode="r")
+        offsets = np.load(base + ".offsets.npy")
+        problem = _token_cache_fault(tokenizer, base, tokens, offsets, meta)
+        if problem is None and content:
+            recorded = meta.get("sha256") or {}
+            for part in ("tokens", "offsets"):
+                if _sha256(f"{base}.{part}.npy") != recorded.get(part):
+                    problem = (f"{os.path.relpath(base, CACHE_DIR)}.{part}.npy differs from the sha256 recorded"
+                               if part in recorded else f"{os.path.relpath(base, CACHE_DIR)}.json records no sha256")
+                    break
+    except Exception as e:  # any damage to these files reads as "not trusted", never as a crash
+        problem = f"{os.path.relpath(base, CACHE_DIR)}.*: unreadable ({type(e).__name__}: {e})"
+    if problem is not None:
+        return None, problem
+    return (tokens, offsets, meta["row_groups"]), None
 
 
 def load_token_cache(tokenizer, path):
     """(tokens memmap, offsets, docs per row group) of a cached shard, or None
-    when it is missing or stale (the shard changed since)."""
-    if tokenizer.id is None:
-        return None
-    base = _cache_base(tokenizer.id, path)
-    meta = _read_json(base + ".json")
-    try:
-        if meta is None or meta["shard"] != _stamp(path):
-            return None
-        tokens = np.load(base + ".tokens.npy", mmap_mode="r")
-        offsets = np.load(base + ".offsets.npy")
-    except (OSError, ValueError, KeyError):
-        return None
-    if len(offsets) != sum(meta["row_groups"]) + 1 or offsets[-1] != len(tokens):
-        return None
-    return tokens, offsets, meta["row_groups"]
+    when it is missing, stale or damaged (the loader then tokenizes the shard
+    on the fly: same rows, slower; verify_data() stops a run before that)."""
+    return check_token_cache(tokenizer, path)[0]
+
+
+def check_token_caches(tokenizer, paths):
+    """check_token_cache(content=True) for every path, in threads (hashing and
+    numpy release the GIL): [(cached, problem), ...] in the order of paths."""
+    if not paths:
+        return []
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda p: check_token_cache(tokenizer, p, content=True), paths))
 
 
 def cached_shards(train_paths):
@@ -683,7 +782,12 @@ def ensure_token_cache(tokenizer, paths):
         for name in os.listdir(TOKENS_DIR):
             if name != tokenizer.id:
                 shutil.rmtree(os.path.join(TOKENS_DIR, name), ignore_errors=True)
-    todo = [p for p in paths if load_token_cache(tokenizer, p) is None]
+    todo = []
+    for path, (cached, problem) in zip(paths, check_token_caches(tokenizer, paths)):
+        if cached is None:
+            todo.append(path)
+            if problem != NOT_CACHED:
+                print(f"tokens: {problem}; rebuilding it", flush=True)
     print(f"tokens: {len(paths) - len(todo)} of {len(paths)} shards cached in {TOKENS_DIR}", flush=True)
     if not todo:
         return False
@@ -857,8 +961,10 @@ def _prefetch(packer, B, T, device):
 # =============================================================================
 # val_bpb is computed on the first EVAL_TOKENS // MAX_SEQ_LEN rows the validation
 # loader produces at T = MAX_SEQ_LEN, whatever the batch size. prepare.py stores
-# those rows (tokens/<id>/val_rows_T{T}_N{N}.npy); when missing they are packed
-# on the fly: same rows, same number.
+# those rows (tokens/<id>/val_rows_T{T}_N{N}.npy, with their sha256 in the .json);
+# when missing they are packed on the fly: same rows, same number. Before the
+# first batch counts, the model must show it is causal; a result that is not a
+# finite number is a failure, never a score.
 
 
 def _val_rows_path(tokenizer, T, N):
@@ -872,18 +978,32 @@ def build_val_rows(tokenizer, T, N):
     return rows
 
 
-def cached_val_rows(tokenizer, T, N):
-    """The cached validation rows if they match the tokenizer, the val shard and
-    (T, N); else None. The .json is written after the .npy: no json, no trust."""
+def check_val_rows(tokenizer, T, N):
+    """(rows, problem): the cached validation rows when they match the tokenizer,
+    the val shard and (T, N) and hash to the sha256 recorded with them; else None
+    with NOT_CACHED or one phrase naming the fault. The .json is written after
+    the .npy: no json, no trust."""
     path = _val_rows_path(tokenizer, T, N)
     meta = _read_json(path[:-len(".npy")] + ".json")
     if tokenizer.id is None or meta is None or meta.get("val") != _stamp(list_shards("val")[0]):
-        return None
+        return None, NOT_CACHED
+    name = os.path.relpath(path, CACHE_DIR)
     try:
+        if "sha256" not in meta:
+            return None, f"{name[:-len('.npy')]}.json records no sha256"
+        if _sha256(path) != meta["sha256"]:
+            return None, f"{name} differs from the sha256 recorded"
         rows = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    return rows if rows.shape == (N, T + 1) else None
+    except Exception as e:  # damaged: rebuilt or refused, never a crash
+        return None, f"{name}: unreadable ({type(e).__name__}: {e})"
+    if rows.shape != (N, T + 1) or rows.dtype != np.uint16:
+        return None, f"{name} is not {N} rows of {T + 1} uint16 tokens"
+    return rows, None
+
+
+def cached_val_rows(tokenizer, T, N):
+    """The cached validation rows when they pass check_val_rows, else None."""
+    return check_val_rows(tokenizer, T, N)[0]
 
 
 def val_rows(tokenizer, T, N, save=True):
@@ -899,53 +1019,232 @@ def val_rows(tokenizer, T, N, save=True):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _write_atomic(path, lambda f: np.save(f, rows))
-            _write_json(meta_path, {"val": val_stamp, "T": T, "N": N})
+            _write_json(meta_path, {"val": val_stamp, "T": T, "N": N, "sha256": _sha256(path)})
         except OSError:
             pass  # a read-only cache only costs the packing next time
     return rows
 
 
+class EvaluationFailed(SystemExit):
+    """The metric refuses the model. Uncaught, it prints its one line, which
+    starts with "FAIL: ", and exits with code 1: a failed run, never a score."""
+
+    def __init__(self, message):
+        super().__init__(f"FAIL: {message}")
+
+
+def _eval_batch(rows, start, batch_size):
+    """Rows start, start+1, ... of (N, T+1) rows as (x, y), both (batch_size, T)
+    int64, and how many of them are real. Every batch is full: past the last row
+    it wraps around to the first, so a model compiled for batch_size never sees
+    another shape; the caller drops the padding's losses."""
+    index = torch.arange(start, start + batch_size, device=rows.device) % rows.shape[0]
+    batch = rows[index].long()  # (B, T+1)
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), min(batch_size, rows.shape[0] - start)
+
+
+def _token_losses(model, x, y):
+    """model(x, y, reduction='none') as (B, T) float32 nats, detached: the model
+    may return them with gradients (its training graph) or in bf16."""
+    loss = model(x, y, reduction="none")
+    if not isinstance(loss, torch.Tensor) or loss.numel() != x.numel():
+        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise EvaluationFailed(f"model(x, y, reduction='none') must return the {x.numel()} per-token losses of "
+                               f"x {tuple(x.shape)}, got {got}")
+    return loss.detach().float().reshape(x.shape)
+
+
+def _check_causal(model, x, y, losses, vocab_size):
+    """A model may not see the future: change the tokens after position p = T/2 of
+    row 0 (inputs and targets), run the same full batch again, and the losses at
+    positions <= p of row 0, and everywhere in the other rows, must stay within
+    CAUSAL_ATOL + CAUSAL_RTOL * |loss|. A missing causal mask changes every one of
+    them; a window that reaches one token ahead changes position p."""
+    p = x.shape[1] // 2
+    x2, y2 = x.clone(), y.clone()
+    x2[0, p + 1:] = (x[0, p + 1:] + 1) % vocab_size  # a different, valid id everywhere after p
+    y2[0, p + 1:] = (y[0, p + 1:] + 1) % vocab_size
+    change = (_token_losses(model, x2, y2) - losses).abs()  # (B, T)
+    change[0, p + 1:] = 0  # these may change: their own inputs did
+    # NaN losses are the finiteness check's to report, not this one's.
+    excess = (change - (CAUSAL_ATOL + CAUSAL_RTOL * losses.abs())).nan_to_num(nan=0.0)
+    worst = int(excess.argmax())
+    if excess.view(-1)[worst] > 0:
+        row, pos = divmod(worst, x.shape[1])
+        where = f"position {pos}" if row == 0 else f"position {pos} of another row of the batch (rows must not mix)"
+        raise EvaluationFailed(f"the model is not causal: its loss at {where} changed by "
+                               f"{float(change.view(-1)[worst]):.3g} nats when only the tokens after position {p} "
+                               f"changed (a missing causal mask, a window that reaches ahead, or dropout?)")
+
+
 @torch.no_grad()
-def evaluate_bpb(model, tokenizer, batch_size):
-    """Bits per byte on the validation rows: the summed loss (nats) over target
-    tokens that stand for at least one byte, over ln 2 times their bytes.
-    Vocabulary-independent; special tokens (0 bytes) are left out of both sums."""
+def _evaluate(model, tokenizer, batch_size, max_batches=None):
+    """val_bpb over the first max_batches batches (all when None); see evaluate_bpb."""
+    assert batch_size >= 1, f"batch_size must be positive, got {batch_size}"
     device = next(model.parameters()).device
     T, N = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
     token_bytes = get_token_bytes(device)
     rows = torch.from_numpy(np.asarray(val_rows(tokenizer, T, N), dtype=np.int32)).to(device)  # (N, T+1)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for start in range(0, N, batch_size):
-        batch = rows[start:start + batch_size].long()
-        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (b, T) each; models may .view()
-        loss = model(x, y, reduction="none").reshape(-1)
-        nbytes = token_bytes[y.reshape(-1)]
-        total_nats += (loss.float() * (nbytes > 0)).sum(dtype=torch.float64)
+    for i, start in enumerate(range(0, N, batch_size)[:max_batches]):
+        x, y, n = _eval_batch(rows, start, batch_size)
+        losses = _token_losses(model, x, y)  # (B, T)
+        if i == 0:
+            _check_causal(model, x, y, losses, tokenizer.get_vocab_size())
+        nbytes = token_bytes[y[:n]]  # (n, T)
+        total_nats += torch.where(nbytes > 0, losses[:n], 0.0).sum(dtype=torch.float64)
         total_bytes += nbytes.sum()
-    return total_nats.item() / (math.log(2) * total_bytes.item())
+    if total_bytes.item() == 0:
+        raise EvaluationFailed("the validation rows hold no bytes to measure")
+    bpb = total_nats.item() / (math.log(2) * total_bytes.item())
+    if not math.isfinite(bpb):
+        raise EvaluationFailed(f"val_bpb is {bpb}: the model's losses on the validation rows are not finite")
+    return bpb
+
+
+def evaluate_bpb(model, tokenizer, batch_size):
+    """Bits per byte on the validation rows: the summed loss (nats) over target
+    tokens that stand for at least one byte, over ln 2 times their bytes.
+    Vocabulary-independent; special tokens (0 bytes) are left out of both sums.
+
+    The model is called as model(x, y, reduction='none') on full batches of
+    batch_size rows only. Before the first batch counts, the causality check
+    runs once (_check_causal). A model that fails it, or a result that is not
+    finite, raises EvaluationFailed: one line starting "FAIL: ", exit code 1."""
+    return _evaluate(model, tokenizer, batch_size)
+
+
+def check_evaluation(model, tokenizer, batch_size):
+    """The start of evaluate_bpb, for train.py's untimed warm-up: the causality
+    check and the first batch, through the same code with the same shapes (a
+    compiled model compiles nothing new later). Returns that batch's bits per
+    byte; raises EvaluationFailed like evaluate_bpb.
+
+    The check sees only what the weights let through: at initialisation, with
+    zero output projections, attention cannot leak yet. Call it after the first
+    optimizer steps; evaluate_bpb checks the trained model again."""
+    return _evaluate(model, tokenizer, batch_size, max_batches=1)
 
 # =============================================================================
-# Fingerprints (train.py prints them: the run's identity)
+# Fingerprints and verification (train.py calls verify_data before training)
 # =============================================================================
+# prepare.py records in manifest.json the sha256 of the validation shard and of
+# the harness files, and the tokenizer id; the tokenizer manifest, each token
+# cache's .json and the validation rows' .json hold the hashes of their files.
+# verify_data() checks every one of them by content, before any training.
 
 
-def data_fingerprint():
-    """Short hashes of what val_bpb depends on: the validation shard's content
-    and the tokenizer. Read from the manifest prepare writes; no rehashing of
-    large files unless the val shard changed since."""
-    manifest = _read_json(os.path.join(CACHE_DIR, "manifest.json")) or {}
-    tok = _read_json(os.path.join(TOKENIZER_DIR, "manifest.json")) or {}
-    val_path = os.path.join(DATA_DIR, VAL_FILENAME)
-    val = manifest.get("val", {})
-    if not os.path.exists(val_path):
-        val_id = "missing"
-    elif val.get("stamp") == _stamp(val_path):
-        val_id = val["sha256"][:12]
-    else:
-        val_id = _sha256(val_path)[:12]
-    n_train = len([n for n in _existing_shards() if n != VAL_FILENAME])
-    return {"val": val_id, "tokenizer": tok.get("id", "missing")[:12], "train_shards": n_train}
+def harness_fingerprints():
+    """sha256 of each harness file next to prepare.py; None for a missing one."""
+    paths = {name: os.path.join(HARNESS_DIR, name) for name in HARNESS_FILES}
+    return {name: _sha256(path) if os.path.exists(path) else None for name, path in paths.items()}
+
+
+def _check_harness(recorded):
+    """Compare the harness files with the hashes prepare.py recorded. Returns
+    {file: short sha or "missing"}; raises one line naming the changed file."""
+    if not isinstance(recorded, dict):
+        raise PrepareError(f"prepare.py has recorded no fingerprints of the harness files in {CACHE_DIR}: "
+                           f"run `uv run prepare.py`")
+    now = harness_fingerprints()
+    for name, sha in now.items():
+        if sha == recorded.get(name):
+            continue
+        fix = f"restore it (git checkout {name}), or run `uv run prepare.py` to accept a deliberate change"
+        if sha is None:
+            raise PrepareError(f"{name} is missing, but prepare.py recorded it: {fix}")
+        if recorded.get(name) is None:
+            raise PrepareError(f"{name} is new since prepare.py recorded the harness: remove it, "
+                               f"or run `uv run prepare.py` to accept a deliberate change")
+        raise PrepareError(f"{name} differs from the one prepare.py recorded: {fix}")
+    return {name: sha[:12] if sha else "missing" for name, sha in now.items()}
+
+
+def _fetch_command():
+    """The command that fetches a shard again: the import when the data was imported."""
+    imported = _read_json(os.path.join(DATA_DIR, "source.json"))
+    return f"`uv run prepare.py --source {imported['source']}`" if imported else "`uv run prepare.py`"
+
+
+def verify_data():
+    """Check, by content, everything val_bpb depends on against what prepare.py
+    recorded: the validation shard, tokenizer.pkl, token_bytes.pt, every cached
+    shard's tokens (structure and sha256), the validation rows; and the harness
+    files. Returns the run's fingerprints:
+    {"val": short sha, "tokenizer": short id, "train_shards": int, "harness": {file: short sha}}.
+    On any failure raises PrepareError: one line naming the file and the command
+    that heals it. Cost: one sha256 pass over those files, the token caches in
+    parallel threads."""
+    manifest = _read_json(os.path.join(CACHE_DIR, "manifest.json"))
+    if manifest is None:
+        raise PrepareError(f"no manifest.json in {CACHE_DIR}: {RUN_PREPARE}")
+    harness = _check_harness(manifest.get("harness"))
+    val_path, train_paths = list_shards("val")[0], list_shards("train")
+    val_sha = _sha256(val_path)
+    if val_sha != (manifest.get("val") or {}).get("sha256"):
+        if not _parquet_readable(val_path):
+            raise PrepareError(f"the validation shard {val_path} is not a readable parquet file (truncated?): "
+                               f"run {_fetch_command()}")
+        raise PrepareError(f"the validation shard {val_path} differs from the one prepare.py recorded: to restore "
+                           f"it, remove it and run {_fetch_command()}; to accept the change, run `uv run prepare.py`")
+    tokenizer = Tokenizer.from_directory()  # checks tokenizer.pkl against its manifest
+    if tokenizer.id != manifest.get("tokenizer"):
+        raise PrepareError(f"the tokenizer in {TOKENIZER_DIR} is not the one prepare.py recorded: "
+                           f"run `uv run prepare.py`")
+    get_token_bytes()  # checks token_bytes.pt against the tokenizer manifest
+    paths = cached_shards(train_paths)
+    for path, (cached, problem) in zip(paths, check_token_caches(tokenizer, paths)):
+        if cached is None:
+            raise PrepareError(f"token cache of {os.path.basename(path)}: {problem}: "
+                               f"run `uv run prepare.py` to rebuild it")
+    T, N = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
+    rows, problem = check_val_rows(tokenizer, T, N)
+    if problem == NOT_CACHED:
+        val_rows(tokenizer, T, N)  # other constants (a smoke run): packed once, from the caches just checked
+    elif problem is not None:
+        raise PrepareError(f"validation rows {problem}: run `uv run prepare.py` to rebuild them")
+    return {"val": val_sha[:12], "tokenizer": tokenizer.id[:12], "train_shards": len(train_paths),
+            "harness": harness}
+
+
+def _check_val_shard(val_path):
+    """The validation shard's sha256, from its content (an mtime can be kept while
+    bytes change). When it differs from the one recorded, the token cache and
+    rows made from the old shard are dropped, so they are rebuilt from this one."""
+    sha = _sha256(val_path)
+    old = ((_read_json(os.path.join(CACHE_DIR, "manifest.json")) or {}).get("val") or {}).get("sha256")
+    if old is not None and old != sha:
+        print(f"data: the validation shard changed since the last prepare ({old[:12]} -> {sha[:12]}); "
+              f"rebuilding its token cache and rows", flush=True)
+        stem = os.path.join(TOKENS_DIR, "*", "")
+        for meta in glob.glob(stem + VAL_FILENAME[:-len(".parquet")] + ".json") + glob.glob(stem + "val_rows_*.json"):
+            os.remove(meta)  # no json, no trust
+    return sha
+
+
+def _record_fingerprints(val_path, val_sha, tokenizer, train_paths):
+    """Write manifest.json, what verify_data() checks against, when anything in it
+    changed; returns True if so. Running prepare.py accepts a changed harness file,
+    and says so."""
+    path = os.path.join(CACHE_DIR, "manifest.json")
+    old = _read_json(path) or {}
+    harness = harness_fingerprints()
+    if isinstance(old.get("harness"), dict):
+        for name, sha in harness.items():
+            before = old["harness"].get(name)
+            if sha != before:
+                print(f"harness: {name} changed since the last prepare ({(before or 'missing')[:12]} -> "
+                      f"{(sha or 'missing')[:12]}); recorded", flush=True)
+    record = {"val": {"name": VAL_FILENAME, "stamp": _stamp(val_path), "sha256": val_sha}, "tokenizer": tokenizer.id,
+              "train_shards": [os.path.basename(p) for p in train_paths], "harness": harness}
+    if record == old:
+        return False
+    _write_json(path, record)
+    return True
+
+
+data_fingerprint = verify_data  # the name train.py imported before verify_data existed
 
 # =============================================================================
 # prepare: data -> tokenizer -> token cache -> validation rows
@@ -969,7 +1268,9 @@ def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=Fa
     train_paths, val_path = list_shards("train"), list_shards("val")[0]
     for path in train_paths + [val_path]:
         _open_parquet(path)  # a corrupt file is named here, not deep in training
+    val_sha = _check_val_shard(val_path)
 
+    changed |= _repair_token_bytes()
     manifest = _tokenizer_state()
     if manifest is None or retrain_tokenizer:
         manifest = train_tokenizer(train_paths)
@@ -985,24 +1286,18 @@ def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=Fa
 
     changed |= ensure_token_cache(tokenizer, cached_shards(train_paths))
     T, N = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
-    if changed or cached_val_rows(tokenizer, T, N) is None:
+    rows, problem = check_val_rows(tokenizer, T, N)
+    if problem not in (None, NOT_CACHED):
+        print(f"val rows: {problem}; rebuilding them", flush=True)
+    if changed or rows is None:
         val_rows(tokenizer, T, N)
         changed = True
     print(f"val rows: {N} rows of {T + 1} tokens cached", flush=True)
 
-    old = _read_json(os.path.join(CACHE_DIR, "manifest.json")) or {}
-    stamp = _stamp(val_path)
-    if old.get("val", {}).get("stamp") == stamp:
-        val = old["val"]
-    else:
-        val = {"name": VAL_FILENAME, "stamp": stamp, "sha256": _sha256(val_path)}
-    record = {"val": val, "tokenizer": tokenizer.id, "train_shards": [os.path.basename(p) for p in train_paths]}
-    if record != old:
-        _write_json(os.path.join(CACHE_DIR, "manifest.json"), record)
-    fp = data_fingerprint()
+    changed |= _record_fingerprints(val_path, val_sha, tokenizer, train_paths)
     if changed:
-        print(f"prepare: done in {time.time() - t0:.1f} s  (val {fp['val']}, tokenizer {fp['tokenizer']}, "
-              f"{fp['train_shards']} training shards) in {CACHE_DIR}", flush=True)
+        print(f"prepare: done in {time.time() - t0:.1f} s  (val {val_sha[:12]}, tokenizer {tokenizer.id[:12]}, "
+              f"{len(train_paths)} training shards) in {CACHE_DIR}", flush=True)
     else:
         print(f"prepare: nothing to do, everything is up to date in {CACHE_DIR}", flush=True)
     return changed
