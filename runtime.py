@@ -396,21 +396,21 @@ def fit_micro_batch(first_step, micro_batch, rows_per_step):
     """
     global _micro_batch
     sizes = smaller_micro_batches(rows_per_step, micro_batch)
-    for i, size in enumerate(sizes):
+    for size in sizes:
         _micro_batch = size
         try:
             result = first_step(size)
         except Exception as e:
-            if not is_out_of_memory(e) or i + 1 == len(sizes):
+            if not is_out_of_memory(e) or size == sizes[-1]:
                 raise
-            del e  # its traceback holds the failed attempt's tensors
-            release_memory()
-            continue
-        note = None
-        if size != micro_batch:
-            note = (f"DEVICE_BATCH_SIZE={micro_batch} does not fit this GPU's memory: "
-                    f"micro-batch {size}, accumulation x{rows_per_step // size}")
-        return result, size, note
+        else:
+            note = None
+            if size != micro_batch:
+                note = (f"DEVICE_BATCH_SIZE={micro_batch} does not fit this GPU's memory: "
+                        f"micro-batch {size}, accumulation x{rows_per_step // size}")
+            return result, size, note
+        # here, after the except block: the exception's traceback no longer holds the attempt's tensors
+        release_memory()
     raise AssertionError("unreachable: the last size raises")
 
 

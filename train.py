@@ -610,6 +610,9 @@ def main():
         t0 = time.time()
         progress = training_progress(step, training_seconds)
         train_loss, epoch = train_step(model, optimizer, batches, grad_accum_steps, step, progress, autocast)
+        if step == UNTIMED_STEPS - 1:  # again, now that the model has learned a little: a leak of future tokens shows
+            with autocast:
+                check_evaluation(runtime.evaluation_model(model), tokenizer, micro_batch)
         train_loss = train_loss.item()  # waits for the step
         runtime.check_loss(train_loss, step)
         dt = time.time() - t0
