@@ -6,6 +6,7 @@ train.py only; the data, the tokenizer and val_bpb must stay comparable.
     uv run prepare.py                       # 10 training shards + the pinned val shard
     uv run prepare.py --num-shards -1       # all 6,542 training shards
     uv run prepare.py --source ~/my_corpus  # your own data, offline
+    uv run prepare.py --source ~/repo --text-ext py,rs   # code too, one document per file
 
 What it leaves under the cache root (~/.cache/autoresearch, or $AUTORESEARCH_CACHE):
 
@@ -19,8 +20,9 @@ What it leaves under the cache root (~/.cache/autoresearch, or $AUTORESEARCH_CAC
     manifest.json                 written last: fingerprints of the prepared data
 
 A run killed at any moment leaves nothing a later run trusts: files are
-written to a temporary name and renamed, manifests are written last. A second
-run with nothing to do says so and changes nothing.
+written to a fresh temporary name and renamed, manifests are written last.
+A second run with nothing to do says so and changes nothing. One run at a
+time holds the cache (.prepare.lock); another one waits.
 
 Runtime API used by train.py: Tokenizer, get_token_bytes, make_dataloader,
 evaluate_bpb, data_fingerprint, CACHE_DIR, DATA_DIR, TOKENIZER_DIR.
@@ -141,7 +143,7 @@ def _disk_full(folder, name, needed, written):
         free = f"{_size(shutil.disk_usage(folder).free)} free"
     except OSError:
         free = "free space unknown"
-    need = _size(needed) if needed else f"more than {_size(written)}"
+    need = _size(needed) if needed else f"more than {_size(written)}" if written else "more space"
     return PrepareError(f"disk full in {folder}: writing {name} needs {need} ({free}); free some space there "
                         f"(or set AUTORESEARCH_CACHE to a disk with room) and run the same command again")
 
@@ -177,7 +179,7 @@ class _TemporaryFile:
     def __init__(self, path, fd):
         self.path = path
         self.disk_full = False
-        self._file = os.fdopen(fd, "wb")
+        self._file = open(fd, "wb")
 
     def _call(self, method, *args):
         try:
@@ -237,7 +239,7 @@ def _new_file(path, size=None):
 
 
 def _remove_temporaries(paths):
-    for path in list(paths):
+    for path in paths:
         with contextlib.suppress(OSError):
             os.remove(path)
 
@@ -595,15 +597,14 @@ def import_source(source, extra_extensions=()):
     files = _source_files(source)
     if not files and not glob.has_magic(source) and not os.path.exists(os.path.expanduser(source)):
         raise PrepareError(f"--source {source}: no such file or folder")
-    in_cache = [f for f in files if _within(f, CACHE_DIR)]  # the source holds the cache
-    files = [f for f in files if f not in set(in_cache)]
+    in_cache = {f for f in files if _within(f, CACHE_DIR)}  # the source holds the cache
+    files = [f for f in files if f not in in_cache]
     parquet = [f for f in files if _extension(f) == ".parquet"]
     documents = [f for f in files if _extension(f) in DOCUMENT_EXTENSIONS + tuple(extra_extensions)]
     used = parquet or documents
-    skipped = _skipped_by_extension(sorted(set(files) - set(used)))
-    if in_cache:
-        skipped += f"{', ' if skipped else ''}{len(in_cache)} inside the cache root"
-    skipped = f" (skipped {skipped} files)" if skipped else ""
+    by_extension = _skipped_by_extension(sorted(set(files) - set(used)))
+    skipped = ", ".join(filter(None, [by_extension, f"{len(in_cache)} inside the cache root" if in_cache else ""]))
+    skipped = f" (skipped files: {skipped})" if skipped else ""
     if not used:
         raise PrepareError(f"--source {source}: no usable files (.parquet, or text: "
                            f"{', '.join(DOCUMENT_EXTENSIONS + tuple(extra_extensions))}) found{skipped}; "
@@ -653,7 +654,7 @@ def import_source(source, extra_extensions=()):
         train_docs, val_docs = docs[:-n_val], docs[-n_val:]
         groups = [train_docs[i:i + IMPORT_SHARD_DOCS] for i in range(0, len(train_docs), IMPORT_SHARD_DOCS)]
         plan = [(g, f"shard_{i:05d}.parquet") for i, g in enumerate(groups)] + [(val_docs, VAL_FILENAME)]
-        hint = "; import them as text with --text-ext EXT" if skipped else ""
+        hint = "; import skipped UTF-8 text files with --text-ext EXT" if by_extension else ""
         print(f"data: importing {len(docs)} documents from {len(documents)} files in {source}{skipped}; "
               f"validation: the last {n_val}{hint}", flush=True)
 
@@ -1223,7 +1224,7 @@ def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=Fa
     text_ext: extra extensions --source imports as plain text (".py", ...)."""
     t0 = time.time()
     _make_folder(CACHE_DIR)
-    imported = _import_state()
+    imported = _import_state() if source is None else None  # a re-import heals an unreadable record
     if source is not None:
         changed = import_source(source, text_ext)
     elif imported is not None:
@@ -1335,12 +1336,12 @@ def main(argv=None):
         print("\nprepare: interrupted; run the same command again to finish", file=sys.stderr)
         raise SystemExit(130) from None
     except OSError as e:  # the machine, not the code: permissions, a full disk outside _new_file, ...
-        where = e.filename or CACHE_DIR
+        where = str(e.filename or CACHE_DIR)
         if _is_disk_full(e):
             raise _disk_full(os.path.dirname(where), os.path.basename(where), None, 0) from None
         raise PrepareError(f"{where}: {e.strerror or e}") from None
     finally:
-        _remove_temporaries(_LIVE_TEMPORARIES)  # those of stopped download workers
+        _remove_temporaries(_LIVE_TEMPORARIES.copy())  # those of stopped download workers
 
 
 if __name__ == "__main__":
