@@ -9,7 +9,9 @@ import them; agents never change them.
 One switch, for smoke runs only: `AUTORESEARCH_SMOKE=1` shrinks all three so
 the whole pipeline (prepare -> train -> evaluate) runs in a minute or two on
 a laptop CPU. Without it nothing here changes. Numbers from a smoke run are
-not comparable with real runs and must never be reported as results.
+not comparable with real runs and must never be reported as results. It takes
+the usual words: 1/true/yes/on, or 0/false/no/off/empty (any case); anything
+else stops with one line, since a typo must not silently pick a mode.
 """
 
 import os
@@ -26,7 +28,18 @@ EVAL_TOKENS = 40 * 524288   # validation tokens behind val_bpb (20,971,520)
 # Smoke switch (for preflight checks only; numbers are not comparable)
 # =============================================================================
 
-SMOKE = os.environ.get("AUTORESEARCH_SMOKE", "0") not in ("", "0")
+SMOKE_TRUE, SMOKE_FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _parse_smoke(value):
+    word = value.strip().lower()
+    if word not in SMOKE_TRUE + SMOKE_FALSE:
+        raise SystemExit(f"error: AUTORESEARCH_SMOKE={value!r} is not a yes or a no: "
+                         f"use 1/true/yes/on, or 0/false/no/off (or leave it unset)")
+    return word in SMOKE_TRUE
+
+
+SMOKE = _parse_smoke(os.environ.get("AUTORESEARCH_SMOKE", ""))
 
 if SMOKE:
     MAX_SEQ_LEN = 256

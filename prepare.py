@@ -6,6 +6,7 @@ train.py only; the data, the tokenizer and val_bpb must stay comparable.
     uv run prepare.py                       # 10 training shards + the pinned val shard
     uv run prepare.py --num-shards -1       # all 6,542 training shards
     uv run prepare.py --source ~/my_corpus  # your own data, offline
+    uv run prepare.py --source ~/repo --text-ext py,rs   # code too, one document per file
 
 What it leaves under the cache root (~/.cache/autoresearch, or $AUTORESEARCH_CACHE):
 
@@ -19,8 +20,9 @@ What it leaves under the cache root (~/.cache/autoresearch, or $AUTORESEARCH_CAC
     manifest.json                 written last: fingerprints of the prepared data
 
 A run killed at any moment leaves nothing a later run trusts: files are
-written to a temporary name and renamed, manifests are written last. A second
-run with nothing to do says so and changes nothing.
+written to a fresh temporary name and renamed, manifests are written last.
+A second run with nothing to do says so and changes nothing. One run at a
+time holds the cache (.prepare.lock); another one waits.
 
 Runtime API used by train.py: Tokenizer, get_token_bytes, make_dataloader,
 verify_data (checks everything val_bpb depends on, before training),
@@ -29,6 +31,10 @@ check_evaluation, evaluate_bpb, CACHE_DIR, DATA_DIR, TOKENIZER_DIR.
 
 import argparse
 import bisect
+import collections
+import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import io
@@ -39,12 +45,13 @@ import os
 import pickle
 import queue
 import re
+import secrets
 import shutil
 import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -89,6 +96,7 @@ TOKEN_CACHE_SHARDS = 16               # training shards tokenized at prepare tim
                                       # ClimbMix tokens); later ones tokenize on the fly
 
 # Local import (--source) of .txt/.md/.jsonl documents.
+DOCUMENT_EXTENSIONS = (".txt", ".md", ".jsonl")  # more with --text-ext (code, ...)
 IMPORT_VAL_FRACTION = 0.1             # the last 10% of documents become validation
 IMPORT_SHARD_DOCS = 65536             # documents per written shard
 IMPORT_ROW_GROUP = 1024               # documents per parquet row group
@@ -102,6 +110,12 @@ CAUSAL_ATOL, CAUSAL_RTOL = 0.02, 0.01 # allowed change: ATOL + RTOL * |loss|
 # verify_data() refuses a run when one differs (a missing file is recorded as missing).
 HARNESS_FILES = ("constants.py", "prepare.py", "runtime.py")
 HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# The validation split: val_bpb scores EVAL_TOKENS tokens of it, cycling a
+# smaller split. Below this fraction (each token scored 100+ times; 209,715
+# tokens, ~0.8 MB of text, on the real contract) or below one full row, the
+# number would measure a handful of documents, so prepare refuses the split.
+MIN_VAL_FRACTION = 0.01
 
 
 def set_cache_root(root):
@@ -131,12 +145,127 @@ class PrepareError(SystemExit):
 RUN_PREPARE = "run `uv run prepare.py` (or `uv run prepare.py --source PATH` for local data)"
 
 
-def _write_atomic(path, write):
-    """write(f) into PATH.tmp, then rename: readers see the old file or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+def _size(nbytes):
+    return f"{nbytes:,} bytes" if nbytes < 10_000 else f"{nbytes / 1e6:,.1f} MB"
+
+
+def _disk_full(folder, name, needed, written):
+    """The one line for a full disk: where, and how much the write needed."""
+    try:
+        free = f"{_size(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = "free space unknown"
+    need = _size(needed) if needed else f"more than {_size(written)}" if written else "more space"
+    return PrepareError(f"disk full in {folder}: writing {name} needs {need} ({free}); free some space there "
+                        f"(or set AUTORESEARCH_CACHE to a disk with room) and run the same command again")
+
+
+def _is_disk_full(exc):
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _make_folder(path):
+    """os.makedirs with one clear line when a file stands where a folder must be."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        what = "the cache root" if path == CACHE_DIR else "the cache folder"
+        raise PrepareError(f"{what} {path} is (or lies under) a file, not a folder: move that file away "
+                           f"or set AUTORESEARCH_CACHE to another folder") from None
+
+
+# Temporaries are NAME.<random>.tmp next to NAME, created exclusively (O_EXCL,
+# O_NOFOLLOW): a file or symlink planted at a predictable name is never written
+# through. The ones being written are remembered so that an interrupted run
+# removes them (main), and prepare.py sweeps any a killed run left behind.
+_LIVE_TEMPORARIES = set()
+_TEMPORARY_RE = re.compile(r".+\.tmp")
+_NEW_FILE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                   | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
+class _TemporaryFile:
+    """A binary file being written that remembers whether the disk filled up:
+    libraries (pyarrow, torch) re-raise write errors as their own types."""
+
+    def __init__(self, path, fd):
+        self.path = path
+        self.disk_full = False
+        self._file = open(fd, "wb")
+
+    def _call(self, method, *args):
+        try:
+            return getattr(self._file, method)(*args)
+        except OSError as e:
+            self.disk_full |= _is_disk_full(e)
+            raise
+
+    def write(self, data):
+        return self._call("write", data)
+
+    def flush(self):
+        return self._call("flush")
+
+    def close(self):
+        return self._call("close")
+
+    def __getattr__(self, name):  # tell, seek, closed, ... as the real file has them
+        return getattr(self._file, name)
+
+
+@contextlib.contextmanager
+def _new_file(path, size=None):
+    """Write PATH through a fresh temporary in its folder, renamed into place on
+    success: readers see the old file or the new one, never a partial one. On
+    any error the temporary is removed; a full disk becomes one line naming the
+    folder and the size (when known) the file needs."""
+    folder, name = os.path.split(path)
+    while True:
+        tmp = os.path.join(folder, f"{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, _NEW_FILE_FLAGS, 0o666)
+            break
+        except FileExistsError:
+            continue  # taken (or planted): another random name
+        except OSError as e:
+            if _is_disk_full(e):
+                raise _disk_full(folder, name, size, 0) from None
+            raise
+    _LIVE_TEMPORARIES.add(tmp)
+    f = _TemporaryFile(tmp, fd)
+    try:
+        yield f
+        f.close()
+        os.replace(tmp, path)
+    except BaseException as e:
+        written = f._file.tell() if not f._file.closed else 0
+        with contextlib.suppress(OSError):
+            f._file.close()
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if f.disk_full or _is_disk_full(e):
+            raise _disk_full(folder, name, size, written) from None
+        raise
+    finally:
+        _LIVE_TEMPORARIES.discard(tmp)
+
+
+def _remove_temporaries(paths):
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def _sweep_stale_temporaries():
+    """Temporaries a killed run left in the cache (only under the cache lock)."""
+    for folder, _, names in os.walk(CACHE_DIR):
+        _remove_temporaries(os.path.join(folder, n) for n in names if _TEMPORARY_RE.fullmatch(n))
+
+
+def _write_atomic(path, write, size=None):
+    """write(f) into a fresh temporary, then rename (see _new_file)."""
+    with _new_file(path, size) as f:
         write(f)
-    os.replace(tmp, path)
 
 
 def _write_json(path, obj):
@@ -187,9 +316,25 @@ def read_texts(pf, row_group):
     return [t if t is not None else "" for t in texts]
 
 
+def _import_state():
+    """data/source.json: None when the data was downloaded. An import whose
+    record cannot be read is still an import: treating it as downloaded data
+    would mix downloads into it, so it stops here with one line."""
+    path = os.path.join(DATA_DIR, "source.json")
+    if not os.path.lexists(path):
+        return None
+    state = _read_json(path)
+    if not isinstance(state, dict) or not isinstance(state.get("source"), str) \
+            or not isinstance(state.get("shards"), list):
+        raise PrepareError(f"{path} is unreadable, so the data in {DATA_DIR} (imported with --source) cannot "
+                           f"be trusted: import it again with `uv run prepare.py --source PATH`, or remove "
+                           f"{DATA_DIR} to download instead")
+    return state
+
+
 def _check_import_finished():
     """A --source import that was killed half-way leaves shards no run may use."""
-    imported = _read_json(os.path.join(DATA_DIR, "source.json"))
+    imported = _import_state()
     if imported is not None and not imported.get("complete"):
         raise PrepareError(f"the import from {imported['source']} did not finish: "
                            f"run `uv run prepare.py --source {imported['source']}` again")
@@ -247,14 +392,14 @@ def _is_offline(exc):
 
 
 def _download_shard(index, stop, reached):
-    """Stream one shard to NAME.tmp in 1 MiB chunks, check its footer, rename.
+    """Stream one shard to a temporary in 1 MiB chunks, check its footer, rename.
     Up to DOWNLOAD_ATTEMPTS attempts with exponential back-off. Returns bytes.
     Until the server has answered once (reached), 'no network' errors end the
     run at once instead of being retried."""
     import requests
 
     path = shard_path(index)
-    name, tmp = os.path.basename(path), path + ".tmp"
+    name = os.path.basename(path)
     url = f"{BASE_URL.rstrip('/')}/{name}"
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         if stop.is_set():
@@ -264,22 +409,20 @@ def _download_shard(index, stop, reached):
                 reached.set()
                 r.raise_for_status()
                 expected = int(r.headers.get("Content-Length", -1))
-                nbytes = 0
-                with open(tmp, "wb") as f:
+                with _new_file(path, size=expected if expected >= 0 else None) as f:
+                    nbytes = 0
                     for chunk in r.iter_content(CHUNK_BYTES):
                         if stop.is_set():
                             raise InterruptedError("stopped")
                         f.write(chunk)
                         nbytes += len(chunk)
-            if expected >= 0 and nbytes != expected:
-                raise IOError(f"truncated: {nbytes} of {expected} bytes")
-            if not _parquet_readable(tmp):
-                raise IOError("not a readable parquet file (truncated body?)")
-            os.replace(tmp, path)
+                    f.flush()
+                    if expected >= 0 and nbytes != expected:
+                        raise IOError(f"truncated: {nbytes} of {expected} bytes")
+                    if not _parquet_readable(f.path):
+                        raise IOError("not a readable parquet file (truncated body?)")
             return nbytes
         except Exception as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
             if stop.is_set():
                 return 0
             if _is_offline(e) and not reached.is_set():
@@ -301,33 +444,48 @@ def _download_shard(index, stop, reached):
 
 def download_data(num_shards, workers):
     """Fetch training shards 0..num_shards-1 (-1: all) and the pinned val shard.
-    Shards whose footer reads are kept, so an interrupted run resumes."""
-    if workers < 1:
-        raise PrepareError(f"--download-workers must be at least 1, got {workers}")
-    if num_shards < -1:
-        raise PrepareError(f"--num-shards must be -1 (all) or >= 0, got {num_shards}")
+    Shards whose footer reads are kept, so an interrupted run resumes.
+
+    The workers are daemon threads fed from a queue, not a pool: a pool joins
+    its threads before an error or Ctrl-C can end the run, and a worker waiting
+    on a server that never answers holds that up for READ_TIMEOUT. A stopped
+    worker's temporary is removed by main()."""
     n_train = MAX_SHARD if num_shards == -1 else min(num_shards, MAX_SHARD)
     wanted = [VAL_SHARD] + list(range(n_train))
-    os.makedirs(DATA_DIR, exist_ok=True)
+    _make_folder(DATA_DIR)
     todo = [i for i in wanted if not _parquet_readable(shard_path(i))]
     print(f"data: {len(wanted) - len(todo)} of {len(wanted)} shards present in {DATA_DIR}", flush=True)
     if not todo:
         return False
     print(f"data: downloading {len(todo)} shards with {workers} workers from {BASE_URL}", flush=True)
     stop, reached = threading.Event(), threading.Event()
+    pending, results = queue.Queue(), queue.Queue()
+    for index in todo:
+        pending.put(index)
+
+    def worker():
+        while not stop.is_set():
+            try:
+                index = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put((index, _download_shard(index, stop, reached), None))
+            except BaseException as e:  # raised in the main thread
+                results.put((index, 0, e))
+
+    for _ in range(min(workers, len(todo))):
+        threading.Thread(target=worker, name="download", daemon=True).start()
     t0 = time.time()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_download_shard, i, stop, reached): i for i in todo}
-        try:
-            for done, fut in enumerate(as_completed(futures), 1):
-                nbytes = fut.result()
-                name = os.path.basename(shard_path(futures[fut]))
-                print(f"  [{done}/{len(todo)}] {name}  {nbytes / 1e6:.1f} MB  {time.time() - t0:.1f} s", flush=True)
-        except BaseException:
-            stop.set()
-            for f in futures:
-                f.cancel()
-            raise
+    try:
+        for done in range(1, len(todo) + 1):
+            index, nbytes, error = results.get()
+            if error is not None:
+                raise error
+            name = os.path.basename(shard_path(index))
+            print(f"  [{done}/{len(todo)}] {name}  {nbytes / 1e6:.1f} MB  {time.time() - t0:.1f} s", flush=True)
+    finally:
+        stop.set()
     return True
 
 # =============================================================================
@@ -345,6 +503,58 @@ def _source_files(source):
     else:
         files = glob.glob(path, recursive=True)
     return sorted(os.path.abspath(f) for f in files if os.path.isfile(f))
+
+
+def _within(path, folder):
+    """True when path (symlinks resolved) is folder or lies inside it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _check_source_outside_cache(source):
+    """Importing from the cache itself would delete the shards before copying
+    them. For a glob, its fixed leading folders are what count."""
+    path = os.path.expanduser(source)
+    while glob.has_magic(path):
+        path = os.path.dirname(path)
+    if _within(path or ".", CACHE_DIR):
+        raise PrepareError(f"--source {source} lies inside the cache root {CACHE_DIR}, which the import "
+                           f"replaces: import from a folder outside it (or use another AUTORESEARCH_CACHE)")
+
+
+def _extension(path):
+    return os.path.splitext(path)[1].lower()
+
+
+def text_extensions(values):
+    """--text-ext values ("py", ".rs", "c,h") -> (".py", ".rs", ".c", ".h")."""
+    extensions = []
+    for value in values:
+        for part in value.split(","):
+            ext = "." + part.strip().lstrip(".").lower()
+            if not re.fullmatch(r"\.[a-z0-9_+-]+", ext):
+                raise PrepareError(f"--text-ext {value!r}: name file extensions, e.g. --text-ext py,rs or --text-ext .c")
+            if ext in (".parquet", ".jsonl"):
+                raise PrepareError(f"--text-ext {ext}: {ext} files are imported by their own rules already")
+            extensions.append(ext)
+    return tuple(dict.fromkeys(extensions))
+
+
+def _skipped_by_extension(files):
+    """'576 .py, 2 .csv, 1 with no extension' (most first), or ''."""
+    counts = collections.Counter(_extension(f) or "with no extension" for f in files)
+    return ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _has_documents(pf):
+    """True when the parquet file's 'text' column holds at least one non-empty string."""
+    import pyarrow.compute as pc
+
+    for rg in range(pf.num_row_groups):
+        column = pf.read_row_group(rg, columns=["text"]).column("text")
+        if column.null_count < len(column) and (pc.max(pc.utf8_length(column)).as_py() or 0) > 0:
+            return True
+    return False
 
 
 def _read_documents(files):
@@ -387,52 +597,66 @@ def _write_docs(path, docs):
     _write_atomic(path, lambda f: pq.write_table(table, f, row_group_size=IMPORT_ROW_GROUP))
 
 
-def import_source(source):
+def import_source(source, extra_extensions=()):
     """Copy local data into DATA_DIR so the rest of the pipeline is identical.
 
     Parquet files (column "text"): copied as they are (row groups kept); the
-    last in sorted order becomes the validation shard. .txt/.md/.jsonl: the
-    documents in sorted file order are written into parquet shards; the last
-    10% of them (at least one) become the validation shard."""
+    last in sorted order becomes the validation shard. .txt/.md/.jsonl, and
+    files with extra_extensions as plain text: the documents in sorted file
+    order are written into parquet shards; the last 10% of them (at least one)
+    become the validation shard. Files inside the cache root are never read."""
+    _check_source_outside_cache(source)
     files = _source_files(source)
     if not files and not glob.has_magic(source) and not os.path.exists(os.path.expanduser(source)):
         raise PrepareError(f"--source {source}: no such file or folder")
-    parquet = [f for f in files if f.endswith(".parquet")]
-    documents = [f for f in files if f.endswith((".txt", ".md", ".jsonl"))]
+    in_cache = {f for f in files if _within(f, CACHE_DIR)}  # the source holds the cache
+    files = [f for f in files if f not in in_cache]
+    parquet = [f for f in files if _extension(f) == ".parquet"]
+    documents = [f for f in files if _extension(f) in DOCUMENT_EXTENSIONS + tuple(extra_extensions)]
     used = parquet or documents
+    by_extension = _skipped_by_extension(sorted(set(files) - set(used)))
+    skipped = ", ".join(filter(None, [by_extension, f"{len(in_cache)} inside the cache root" if in_cache else ""]))
+    skipped = f" (skipped files: {skipped})" if skipped else ""
     if not used:
-        raise PrepareError(f"--source {source}: no usable files (.parquet, .txt, .md or .jsonl) found")
+        raise PrepareError(f"--source {source}: no usable files (.parquet, or text: "
+                           f"{', '.join(DOCUMENT_EXTENSIONS + tuple(extra_extensions))}) found{skipped}; "
+                           f"import other UTF-8 text files with --text-ext EXT")
     record = {"source": os.path.abspath(os.path.expanduser(source)),
               "files": [[f] + _stamp(f) for f in used]}
     state_path = os.path.join(DATA_DIR, "source.json")
-    state = _read_json(state_path)
     existing = _existing_shards()
+    try:
+        state = _import_state()
+    except PrepareError:
+        state = {}  # an import with an unreadable record: ours to redo
     if existing and state is None:
         raise PrepareError(f"{DATA_DIR} holds downloaded shards; to import --source {source}, "
                            f"use another cache root (AUTORESEARCH_CACHE=DIR) or remove {DATA_DIR}")
-    if state is not None and state.get("complete") and {k: state.get(k) for k in record} == record and all(
+    if state and state.get("complete") and {k: state.get(k) for k in record} == record and all(
             _parquet_readable(os.path.join(DATA_DIR, n)) for n in state["shards"]):
         print(f"data: already imported from {source} ({len(state['shards'])} shards)", flush=True)
         return False
 
     if parquet:
-        ignored = len(files) - len(parquet)
         for f in parquet:
             pf = _open_parquet(f)
             field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
             if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
                 raise PrepareError(f"{f} has no string column 'text'")
+            if not _has_documents(pf):
+                raise PrepareError(f"{f}: its column 'text' holds no documents (all {pf.metadata.num_rows} "
+                                   f"values are null or empty); remove the file or fill it")
         if len(parquet) < 2:
             raise PrepareError(f"--source {source}: one parquet file only; the last file is the validation "
                                f"split, so the training split would be empty (add training files)")
         if len(parquet) - 1 > MAX_SHARD:
             raise PrepareError(f"--source {source}: at most {MAX_SHARD} training files")
         plan = [(f, f"shard_{i:05d}.parquet") for i, f in enumerate(parquet[:-1])] + [(parquet[-1], VAL_FILENAME)]
-        note = f" ({ignored} other files ignored)" if ignored else ""
-        print(f"data: importing {len(parquet)} parquet files from {source}{note}; validation: {parquet[-1]}", flush=True)
+        print(f"data: importing {len(parquet)} parquet files from {source}{skipped}; validation: {parquet[-1]}",
+              flush=True)
     else:
-        docs, skipped = _read_documents(documents)
-        counts = ", ".join(f"{n} {what}" for what, n in skipped.items() if n)
+        docs, unusable = _read_documents(documents)
+        counts = ", ".join(f"{n} {what}" for what, n in unusable.items() if n)
         if counts:
             print(f"data: skipped {counts}", flush=True)
         if len(docs) < 2:
@@ -442,10 +666,11 @@ def import_source(source):
         train_docs, val_docs = docs[:-n_val], docs[-n_val:]
         groups = [train_docs[i:i + IMPORT_SHARD_DOCS] for i in range(0, len(train_docs), IMPORT_SHARD_DOCS)]
         plan = [(g, f"shard_{i:05d}.parquet") for i, g in enumerate(groups)] + [(val_docs, VAL_FILENAME)]
-        print(f"data: importing {len(docs)} documents from {len(documents)} files in {source}; "
-              f"validation: the last {n_val}", flush=True)
+        hint = "; import skipped UTF-8 text files with --text-ext EXT" if by_extension else ""
+        print(f"data: importing {len(docs)} documents from {len(documents)} files in {source}{skipped}; "
+              f"validation: the last {n_val}{hint}", flush=True)
 
-    os.makedirs(DATA_DIR, exist_ok=True)
+    _make_folder(DATA_DIR)
     # Marked as ours but unfinished first: a killed import is redone, never trusted.
     _write_json(state_path, {**record, "shards": [], "complete": False})
     for name in existing:  # a previous import: ours to replace
@@ -453,8 +678,8 @@ def import_source(source):
     for what, name in plan:
         dst = os.path.join(DATA_DIR, name)
         if isinstance(what, str):
-            shutil.copyfile(what, dst + ".tmp")
-            os.replace(dst + ".tmp", dst)
+            with open(what, "rb") as src:
+                _write_atomic(dst, lambda f: shutil.copyfileobj(src, f, CHUNK_BYTES), size=os.path.getsize(what))
         else:
             _write_docs(dst, what)
         print(f"  {name}  {os.path.getsize(dst) / 1e6:.1f} MB", flush=True)
@@ -841,6 +1066,27 @@ def _document_batches(tokenizer, paths, split):
         epoch += 1
 
 
+def _replay_small_split(batches):
+    """Pass (tokens, offsets, epoch) batches through; when a whole epoch holds
+    fewer than BUFFER_DOCS documents, replay it from memory from then on.
+    A split that small is walked once per placed document (the buffer wants
+    BUFFER_DOCS), and re-reading its shards each time made two one-line files
+    take ~10 minutes to pack the validation rows. Same batches, same rows."""
+    seen, n_docs = [], 0
+    for tokens, offsets, epoch in batches:
+        if epoch > 1:
+            break
+        yield tokens, offsets, epoch
+        seen.append((tokens, offsets))
+        n_docs += len(offsets) - 1
+        if n_docs >= BUFFER_DOCS:
+            yield from batches
+            return
+    for epoch in itertools.count(2):
+        for tokens, offsets in seen:
+            yield tokens, offsets, epoch
+
+
 class BestFitPacker:
     """Best-fit packing (the published loader's algorithm), in O(log n) per step.
 
@@ -854,7 +1100,7 @@ class BestFitPacker:
     are copied as numpy slices, which gives the same rows far faster."""
 
     def __init__(self, batches):
-        self.batches = batches  # iterator of (tokens, offsets, epoch)
+        self.batches = _replay_small_split(batches)  # iterator of (tokens, offsets, epoch)
         self.keys = []          # sorted (length, arrival)
         self.docs = {}          # arrival -> (tokens, start)
         self.arrivals = 0
@@ -1251,13 +1497,35 @@ data_fingerprint = verify_data  # the name train.py imported before verify_data 
 # =============================================================================
 
 
-def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=False):
-    """The whole one-time preparation; returns True when anything changed."""
+def check_val_split(tokenizer, val_path):
+    """Refuse a validation split too small for val_bpb to mean anything (below
+    MIN_VAL_FRACTION of EVAL_TOKENS, or one row), and say in one line when it is
+    smaller than EVAL_TOKENS, i.e. cycled. Counts text tokens (BOS excluded)."""
+    cached = load_token_cache(tokenizer, val_path)
+    if cached is None:  # ensure_token_cache has just written it; nothing to count otherwise
+        return
+    tokens, offsets = cached[0], cached[1]
+    docs = len(offsets) - 1
+    n = len(tokens) - docs
+    minimum = max(math.ceil(EVAL_TOKENS * MIN_VAL_FRACTION), MAX_SEQ_LEN + 1)
+    size = f"{docs:,} documents, {n:,} tokens"
+    if n < minimum:
+        raise PrepareError(f"the validation split is too small for val_bpb: {size}; it needs at least {minimum:,} "
+                           f"tokens ({MIN_VAL_FRACTION:.0%} of EVAL_TOKENS={EVAL_TOKENS:,}, and one full row); "
+                           f"add data (the last parquet file, or the last 10% of documents, is validation)")
+    if n < EVAL_TOKENS:
+        print(f"val split: {size}, fewer than the {EVAL_TOKENS:,} tokens val_bpb scores: each token counts about "
+              f"{EVAL_TOKENS / n:.1f} times (a larger split gives a steadier number)", flush=True)
+
+
+def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=False, text_ext=()):
+    """The whole one-time preparation; returns True when anything changed.
+    text_ext: extra extensions --source imports as plain text (".py", ...)."""
     t0 = time.time()
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    imported = _read_json(os.path.join(DATA_DIR, "source.json"))
+    _make_folder(CACHE_DIR)
+    imported = _import_state() if source is None else None  # a re-import heals an unreadable record
     if source is not None:
-        changed = import_source(source)
+        changed = import_source(source, text_ext)
     elif imported is not None:
         _check_import_finished()
         print(f"data: using the data imported from {imported['source']} "
@@ -1285,6 +1553,7 @@ def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=Fa
     tokenizer = Tokenizer.from_directory()
 
     changed |= ensure_token_cache(tokenizer, cached_shards(train_paths))
+    check_val_split(tokenizer, val_path)
     T, N = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
     rows, problem = check_val_rows(tokenizer, T, N)
     if problem not in (None, NOT_CACHED):
@@ -1303,22 +1572,71 @@ def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=Fa
     return changed
 
 
+@contextlib.contextmanager
+def cache_lock():
+    """An exclusive lock on the cache root for a whole prepare run: two runs at
+    once (say from two sources) would mix their shards. The second one says so
+    and waits; the lock goes with the process, however it ends."""
+    path = os.path.join(CACHE_DIR, ".prepare.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        raise PrepareError(f"cannot open the lock file {path}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"prepare: another prepare.py is working on {CACHE_DIR}; waiting for it to finish "
+                  f"(Ctrl-C to give up)", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # e.g. a file system without locks
+            raise PrepareError(f"cannot lock {path}: {e.strerror}; run one prepare.py at a time") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 1, like every other bad input
+        raise PrepareError(f"{message} (see uv run prepare.py --help)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download (or import) data, train the tokenizer, cache tokens.")
+    parser = _ArgumentParser(description="Download (or import) data, train the tokenizer, cache tokens.")
     parser.add_argument("--num-shards", type=int, default=10, help="training shards to download (-1: all 6542)")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
     parser.add_argument("--source", metavar="PATH", default=None,
                         help="import local data instead: a folder or glob of .parquet (column 'text'; the last "
                              "file is validation), .txt/.md (one document each) or .jsonl ('text' per line)")
+    parser.add_argument("--text-ext", metavar="EXT[,EXT]", action="append", default=[],
+                        help="with --source: also import files with these extensions as UTF-8 text, one "
+                             "document each (e.g. --text-ext py,rs,c); repeatable")
     parser.add_argument("--retrain-tokenizer", action="store_true",
                         help="train the tokenizer again even though one exists")
     args = parser.parse_args(argv)
+    if args.download_workers < 1:
+        raise PrepareError(f"--download-workers must be at least 1, got {args.download_workers}")
+    if args.num_shards < -1:
+        raise PrepareError(f"--num-shards must be -1 (all) or >= 0, got {args.num_shards}")
+    extensions = text_extensions(args.text_ext)
+    if extensions and args.source is None:
+        raise PrepareError("--text-ext only applies to an import: add --source PATH")
     try:
-        prepare(args.num_shards, args.download_workers, args.source, args.retrain_tokenizer)
+        _make_folder(CACHE_DIR)
+        with cache_lock():
+            _sweep_stale_temporaries()
+            prepare(args.num_shards, args.download_workers, args.source, args.retrain_tokenizer, extensions)
     except KeyboardInterrupt:
         # Nothing half-written is trusted later (see the module docstring).
         print("\nprepare: interrupted; run the same command again to finish", file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as e:  # the machine, not the code: permissions, a full disk outside _new_file, ...
+        where = str(e.filename or CACHE_DIR)
+        if _is_disk_full(e):
+            raise _disk_full(os.path.dirname(where), os.path.basename(where), None, 0) from None
+        raise PrepareError(f"{where}: {e.strerror or e}") from None
+    finally:
+        _remove_temporaries(_LIVE_TEMPORARIES.copy())  # those of stopped download workers
 
 
 if __name__ == "__main__":

@@ -514,7 +514,11 @@ def test_partial_files_never_count_as_present(download_env, shard_files):
         prepare.download_data(1, workers=1)
     assert server.requests["shard_00000.parquet"] == 5
     assert server.requests[prepare.VAL_FILENAME] == 1, "a partial file is fetched again"
-    assert sorted(os.listdir(prepare.DATA_DIR)) == [prepare.VAL_FILENAME]
+    # No temporary of this run is left; the old one is never written through
+    # (prepare.py's main sweeps those of killed runs: test_prepare_faults.py).
+    assert sorted(os.listdir(prepare.DATA_DIR)) == [prepare.VAL_FILENAME, prepare.VAL_FILENAME + ".tmp"]
+    with open(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME + ".tmp"), "rb") as f:
+        assert f.read() == b"partial"
 
 
 def test_client_errors_are_not_retried(download_env, shard_files):
