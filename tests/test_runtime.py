@@ -16,30 +16,9 @@ import torch
 
 import runtime
 import train
-from train import GPT, GPTConfig
+from test_train import sdpa_backend, tiny_model  # noqa: F401 (sdpa_backend is a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def tiny_model(n_layer=2, n_embd=64, n_head=2, n_kv_head=None, vocab_size=97, sequence_len=32,
-               window_pattern="SL", seed=0):
-    torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                       n_kv_head=n_kv_head or n_head, n_embd=n_embd, window_pattern=window_pattern)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
-
-
-@pytest.fixture
-def sdpa_backend():
-    """The CPU backend, chosen for the test and restored afterwards."""
-    saved = runtime._backend
-    runtime.select_attention("cpu", "sdpa")
-    yield
-    runtime._backend = saved
 
 
 def reference_attention(q, k, v, left):
