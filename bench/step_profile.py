@@ -3,12 +3,14 @@ Where a training step's GPU time goes, and what compiling costs (CUDA only).
 
     python3 bench/step_profile.py
 
-Builds train.py's model and optimizer at the default hyperparameters, feeds random
-tokens (no data needed), and times what a run pays besides training: start-up,
-the model's compile (first forward+backward), the optimizer's compile (first
-step), an evaluation-sized forward pass through the training graphs; then the
-steady step, and a profile of two steps listing the kernels that take the most
-GPU time. Use a fresh TORCHINDUCTOR_CACHE_DIR for cold-cache figures.
+Builds train.py's model and optimizer at the default hyperparameters as main() does
+(train.build_model, runtime.prepare_attention, model.losses compiled), feeds random
+tokens (no data needed), and times what a run pays besides training: start-up, the
+model's compile (first forward+backward), the first optimizer step (eager), an
+evaluation-sized forward pass through the training graphs; then the steady step, and
+a profile of two steps listing the kernels that take the most GPU time. The attention
+backend is runtime.select_attention's choice (AUTORESEARCH_ATTENTION=fa4|fa3|flex
+forces one). Use a fresh TORCHINDUCTOR_CACHE_DIR for cold-cache figures.
 """
 
 import time
@@ -25,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402
 
+import runtime  # noqa: E402  (sets the CUDA allocator's options, as in a run, before the GPU starts)
 import train  # noqa: E402
 
 
@@ -45,7 +48,7 @@ def window_as_tensor_masks():
             masks[key] = create_block_mask(sliding_window, None, None, T, T, device=device)
         return masks[key]
 
-    train._flex_block_mask = block_mask
+    runtime._flex_block_mask = block_mask  # runtime.attention and prepare_attention look it up at each call
 
 
 def main():
@@ -53,11 +56,10 @@ def main():
     parser.add_argument("--steps", type=int, default=15, help="steps before profiling (step 0 compiles)")
     parser.add_argument("--top", type=int, default=30, help="kernels to list (0: no profile)")
     parser.add_argument("--compile", choices=["losses", "whole"], default="losses",
-                        help="losses: train.compile_model (as train.py); whole: torch.compile(model), the published way")
+                        help="losses: model.losses compiled (as train.py's main); whole: torch.compile(model), "
+                             "the published way")
     parser.add_argument("--mask", choices=["constant", "tensor"], default="constant",
-                        help="flex window baked into the kernel (as train.py) or a captured tensor")
-    parser.add_argument("--optimizer", choices=["eager", "compiled", "cuda_graph"], default=None,
-                        help="MuonAdamW's mode (default: train.OPTIMIZER_MODE)")
+                        help="flex window baked into the kernel (as runtime.py) or a captured tensor")
     parser.add_argument("--no-grad-eval", action="store_true", help="also time evaluation under no_grad")
     parser.add_argument("--nested", action="store_true",
                         help="Block.forward as a torch.compiler.nested_compile_region (compiled once per block kind)")
@@ -67,6 +69,10 @@ def main():
                         help="start inductor's compile workers at once, not at the first compile")
     parser.add_argument("--compile-rows", type=int, default=45, help="rows of the compile-time table")
     args = parser.parse_args()
+    if args.steps <= 5:
+        parser.error(f"--steps {args.steps}: the steady step is the median after the first 5, use at least 6")
+    if not torch.cuda.is_available():
+        parser.error("no CUDA device: this benchmark needs a GPU")
     print(f"variant: {vars(args)}")
     if args.mask == "tensor":
         window_as_tensor_masks()
@@ -76,33 +82,35 @@ def main():
     if args.nested:
         train.Block.forward = torch.compiler.nested_compile_region(train.Block.forward)
     for setting in args.inductor:
-        key, value = setting.split("=", 1)
+        key, _, value = setting.partition("=")
         obj = torch._inductor.config
         *path, last = key.split(".")
-        for part in path:
-            obj = getattr(obj, part)
-        setattr(obj, last, ast.literal_eval(value))
+        try:
+            for part in path:
+                obj = getattr(obj, part)
+            getattr(obj, last)  # an unknown key would otherwise be set silently and change nothing
+            setattr(obj, last, ast.literal_eval(value))
+        except (AttributeError, ValueError, SyntaxError) as e:
+            parser.error(f"--inductor {setting!r}: {type(e).__name__}: {e} (use KEY=VALUE, VALUE a Python literal)")
 
     print(f"import torch + train: {time.time() - T_START:.1f} s")
     t0 = time.time()
     device = torch.device("cuda")
     torch.zeros(1, device=device)
     print(f"CUDA init: {time.time() - t0:.1f} s")
-    torch.manual_seed(0)
+    _, peak_flops, _ = runtime.describe_device(device)  # the H100 figure for a GPU the table lacks
     torch.set_float32_matmul_precision("high")
-    print("attention:", train.select_attention(device))
+    print("attention:", runtime.select_attention(device))
     config = train.model_config(8192)
-    with torch.device("meta"):
-        model = train.GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-    train.build_attention_masks(config.sequence_len, model.window_sizes, device)
-    optimizer = model.setup_optimizer(unembedding_lr=train.UNEMBEDDING_LR, embedding_lr=train.EMBEDDING_LR,
-                                      matrix_lr=train.MATRIX_LR, scalar_lr=train.SCALAR_LR,
-                                      weight_decay=train.WEIGHT_DECAY, adam_betas=train.ADAM_BETAS,
-                                      mode=args.optimizer or train.OPTIMIZER_MODE)
+    model, optimizer = train.build_model(config, device)  # seed 42, as a run
+    runtime.prepare_attention(config.sequence_len, model.window_sizes, device)  # flex block masks, before compile
     print(f"model + optimizer built: {time.time() - T_START:.1f} s since start", flush=True)
-    run = train.compile_model(model) if args.compile == "losses" else torch.compile(model, dynamic=False)
+    if args.compile == "losses":
+        model.losses = torch.compile(model.losses, dynamic=False)  # as main(): one graph for training and eval
+        run = model
+    else:
+        run = torch.compile(model, dynamic=False)
+    torch.manual_seed(0)
     B, T = train.DEVICE_BATCH_SIZE, train.MAX_SEQ_LEN
     accum = train.TOTAL_BATCH_SIZE // (B * T)
     batches = [torch.randint(0, 8192, (B, T + 1), device=device) for _ in range(4)]
@@ -150,12 +158,12 @@ def main():
     steady = sorted(times[5:])[len(times[5:]) // 2]
     opt = sorted(optimizer_seconds[5:])[len(optimizer_seconds[5:]) // 2]
     print(f"steady step: {steady * 1000:.1f} ms  ({train.TOTAL_BATCH_SIZE / steady / 1e6:.3f} M tokens/s, "
-          f"MFU {100 * model.estimate_flops() * train.TOTAL_BATCH_SIZE / steady / 989.5e12:.1f}%), "
+          f"MFU {100 * model.estimate_flops() * train.TOTAL_BATCH_SIZE / steady / peak_flops:.1f}%), "
           f"of which optimizer step (synced) {opt * 1000:.1f} ms")
     print(f"peak memory, training steps: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", flush=True)
 
     # one evaluation-sized forward pass: 80 batches of B x T, per-token losses
-    variants = [("training graphs", train.TrainingGraphEval(model))] if args.compile == "losses" else []
+    variants = [("training graphs", runtime.evaluation_model(model))] if args.compile == "losses" else []
     if args.no_grad_eval or args.compile == "whole":
         variants += [("no_grad (compiles inference graphs)", run), ("no_grad, again", run)]
     for label, evaluator in variants:
