@@ -25,7 +25,10 @@ def main(path):
         print(f"{path}: no step lines")
         return 1
     timed = [v for s, v in sorted(steps.items()) if s >= UNTIMED_STEPS]
-    print(f"step 0 (compile): {steps[min(steps)][0] / 1000:.1f} s")
+    # train.py prints no progress line for step 0 (it runs while fitting to memory): its time is on the
+    # `overhead:` line; logs of older versions have a `step 00000` progress line instead
+    step0 = re.search(r"\(step 0[^:]*: ([\d.]+) s\)", text)
+    print(f"step 0 (compile): {float(step0.group(1)) if step0 else steps[min(steps)][0] / 1000:.1f} s")
     warm = sum(v[0] for s, v in steps.items() if s < UNTIMED_STEPS) / 1000
     print(f"warm-up steps 0..{UNTIMED_STEPS - 1}: {warm:.1f} s")
     if len(timed) >= 2:
