@@ -547,9 +547,9 @@ def main():
     tokenizer = Tokenizer.from_directory()
     config = model_config(tokenizer.get_vocab_size())
     rows_per_step = TOTAL_BATCH_SIZE // MAX_SEQ_LEN
-    assert TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN) == 0, (
-        f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of "
-        f"DEVICE_BATCH_SIZE * MAX_SEQ_LEN ({DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN})")
+    if TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN):
+        raise runtime.RunError(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of "
+                               f"DEVICE_BATCH_SIZE * MAX_SEQ_LEN ({DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN})")
     gpu_name, peak_flops, peak_note = runtime.describe_device(device)
     with torch.device("meta"):
         shape = GPT(config)  # sizes only, nothing allocated
