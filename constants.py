@@ -23,6 +23,7 @@ import os
 MAX_SEQ_LEN = 2048          # context length in tokens
 TIME_BUDGET = 300           # seconds of training, wall clock, compile excluded
 EVAL_TOKENS = 40 * 524288   # validation tokens behind val_bpb (20,971,520)
+UNTIMED_STEPS = 11          # steps 0..10 compile and warm up: not counted in the budget
 
 # =============================================================================
 # Smoke switch (for preflight checks only; numbers are not comparable)

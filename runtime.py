@@ -226,11 +226,15 @@ def attention(q, k, v, window_size):
     """Causal attention with a sliding window: query i sees keys i-left .. i.
 
     q: (B, T, H, D); k, v: (B, T, H_kv, D) with H a multiple of H_kv.
-    window_size: (left, 0) as in flash-attn; left >= T - 1 means full causal attention.
-    Returns (B, T, H, D).
+    window_size: (left, 0) as in flash-attn; left >= T - 1, or negative (flash-attn's "no
+    limit"), means full causal attention. Returns (B, T, H, D).
     """
     if _backend is None:
         select_attention(q.device)
+    if window_size[1] != 0:
+        raise RunError(f"attention window {window_size}: a causal model sees no later tokens, use (left, 0)")
+    if window_size[0] < 0:
+        window_size = (q.size(1) - 1, 0)
     if _backend == "fa4":
         return _fa4(q, k, v, window_size[0])[0]
     if _backend == "fa3":
@@ -270,9 +274,9 @@ GPU_PEAK_FLOPS = [
     ("GH200", 989.5e12),        # H100/H200 datasheet: 989.5 dense (1,979 sparse)
     ("GB200", 2500e12),         # GB200 NVL72: 360 PFLOP/s sparse / 72 GPUs / 2
     ("B200", 2250e12),          # HGX B200: 36 PFLOP/s sparse / 8 GPUs / 2
-    ("H200", 989.5e12),         # H200 SXM datasheet (the NVL part is 835.5, below)
+    ("H200 NVL", 835.5e12),     # H200 NVL datasheet: 1,671 sparse
+    ("H200", 989.5e12),         # H200 SXM datasheet
     ("H100 NVL", 835.5e12),     # H100 NVL datasheet: 1,671 sparse
-    ("H200 NVL", 835.5e12),
     ("H100 PCIe", 756.5e12),    # H100 PCIe datasheet: 1,513 sparse (lower clocks and power)
     ("H800 PCIe", 756.5e12),
     ("H100", 989.5e12),         # H100 SXM datasheet: 1,979 sparse
@@ -331,12 +335,13 @@ class RunError(SystemExit):
         super().__init__(f"FAIL: {message}")
 
 
-def check_param_groups(model, optimizer):
+def check_param_groups(model, groups):
     """Every trainable parameter of the model is in exactly one optimizer group, and the
-    optimizer holds nothing else: a parameter left out would silently never train."""
+    groups hold nothing else: a parameter left out would silently never train.
+    `groups`: the param-group dicts, or an optimizer."""
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     seen = {}
-    for group in optimizer.param_groups:
+    for group in getattr(groups, "param_groups", groups):
         for p in group["params"]:
             seen[id(p)] = seen.get(id(p), 0) + 1
     trainable = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
@@ -350,6 +355,29 @@ def check_param_groups(model, optimizer):
         raise RunError(f"parameter(s) in more than one optimizer group: {', '.join(twice)}")
     if foreign:
         raise RunError(f"{len(foreign)} optimizer parameter(s) are not parameters of the model")
+
+
+class GradientTracker:
+    """Notes which trainable parameters receive a gradient (a hook each, removed by check())."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, set()
+        self.hooks = [p.register_post_accumulate_grad_hook(lambda p: self.seen.add(id(p)))
+                      for p in model.parameters() if p.requires_grad]
+
+    def check(self):
+        for hook in self.hooks:
+            hook.remove()
+        missing = [name for name, p in self.model.named_parameters() if p.requires_grad and id(p) not in self.seen]
+        if missing:
+            raise RunError(f"parameter(s) that got no gradient in step 0, they would never train: "
+                           f"{', '.join(missing)} (unused in the forward pass? freeze them with requires_grad_(False))")
+
+
+def track_gradients(model):
+    """Call before step 0, and .check() after it: every trainable parameter must get a gradient."""
+    return GradientTracker(model)
+
 
 def check_loss(loss, step):
     """A diverged run stops: loss NaN or above 100 prints FAIL and exits 1."""
@@ -371,8 +399,10 @@ def smoke_line(settings, smoke_settings, smoke_steps):
 
 
 def is_out_of_memory(error):
-    # OOM also surfaces wrapped, e.g. from inside torch.compile's autotuning
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    # OOM also surfaces wrapped (torch.compile's autotuning) or in a library's words (cuBLAS, the driver)
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or any(
+        words in text for words in ("out of memory", "out_of_memory", "alloc_failed"))
 
 
 def smaller_micro_batches(rows_per_step, micro_batch):
@@ -444,8 +474,8 @@ def out_of_memory_exit():
 
 def out_of_memory_line(micro_batch):
     if micro_batch is None or micro_batch > 1:
-        return (f"FAIL: CUDA out of memory. Lower DEVICE_BATCH_SIZE (now {micro_batch}); "
-                f"gradient accumulation keeps TOTAL_BATCH_SIZE the same.")
+        return (f"FAIL: CUDA out of memory at a micro-batch of {micro_batch}. Lower DEVICE_BATCH_SIZE (to "
+                f"{micro_batch // 2} or less); gradient accumulation keeps TOTAL_BATCH_SIZE the same.")
     return ("FAIL: CUDA out of memory, even at a micro-batch of 1: the model does not fit this GPU. "
             "Lower DEPTH or ASPECT_RATIO.")
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import runtime  # also sets the CUDA allocator's options, before the run touches the GPU
-from constants import EVAL_TOKENS, MAX_SEQ_LEN, SMOKE, TIME_BUDGET
+from constants import EVAL_TOKENS, MAX_SEQ_LEN, SMOKE, TIME_BUDGET, UNTIMED_STEPS
 from prepare import Tokenizer, check_evaluation, evaluate_bpb, make_dataloader, verify_data
 from runtime import attention  # causal sliding-window attention; replace it here to try your own
 
@@ -222,10 +222,12 @@ class GPT(nn.Module):
             dict(adamw, params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=adam_betas),
             dict(adamw, params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95)),
         ]
-        matrices = list(self.transformer.h.parameters())
+        # trainable matrices only: anything else inside the blocks is named by the guard below
+        matrices = [p for p in self.transformer.h.parameters() if p.requires_grad and p.ndim == 2]
         for shape in sorted({p.shape for p in matrices}):
             groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
                                momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+        runtime.check_param_groups(self, groups)  # every trainable parameter in exactly one group, or one FAIL line
         optimizer = MuonAdamW(groups)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
@@ -383,16 +385,31 @@ class MuonAdamW(torch.optim.Optimizer):
                 assert len({p.shape for p in group["params"]}) == 1, "a muon group holds one shape"
                 assert group["params"][0].ndim == 2, "muon is for matrices"
             group.setdefault("step", 0)
+            # State up front (the zeros a first step would make): step 0 then holds all the memory
+            # the run ever will, which is what fitting the micro-batch to memory measures.
+            for p in group["params"] if group["kind"] == "adamw" else group["params"][:1]:
+                self._state(group, p)
+
+    def _state(self, group, p):
+        """The state of an AdamW param, or of a Muon group's stack (kept on its first param)."""
+        state = self.state[p]
+        if not state and group["kind"] == "adamw":
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        elif not state:
+            n, (rows, cols) = len(group["params"]), p.shape
+            state["momentum_buffer"] = torch.zeros(n, rows, cols, dtype=p.dtype, device=p.device)
+            # NorMuon's statistics: per row when the matrix is tall or square, per column when wide
+            state["second_moment"] = torch.zeros((n, rows, 1) if rows >= cols else (n, 1, cols), dtype=p.dtype,
+                                                 device=p.device)
+        return state
 
     def _step_adamw(self, group):
         beta1, beta2 = group["betas"]
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if not state:
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+            state = self._state(group, p)
             adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group["step"], group["lr"], beta1, beta2,
                        group["eps"], group["weight_decay"])
 
@@ -401,13 +418,8 @@ class MuonAdamW(torch.optim.Optimizer):
         if any(p.grad is None for p in params):
             return
         rows, cols = params[0].shape
-        state = self.state[params[0]]  # the whole stack's state lives on the first param
-        # per-row statistics when the matrix is tall or square, per-column when wide
+        state = self._state(group, params[0])
         red_dim = -1 if rows >= cols else -2
-        if not state:
-            state["momentum_buffer"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype, device=params[0].device)
-            moment_shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
-            state["second_moment"] = torch.zeros(moment_shape, dtype=params[0].dtype, device=params[0].device)
         stacked_params = torch.stack(params)
         muon_step(torch.stack([p.grad for p in params]), stacked_params, state["momentum_buffer"],
                   state["second_moment"], group["lr"] * max(1.0, rows / cols) ** 0.5, group["momentum"],
@@ -498,9 +510,6 @@ def get_muon_weight_decay(progress):
 # The run: setup -> step 0 -> training loop -> evaluation -> summary
 # =============================================================================
 
-UNTIMED_STEPS = 11   # steps 0..10 compile and warm up: not counted in the budget (part of the rules)
-
-
 def build_model(config, device):
     """The model, initialised (seed 42), and its optimizer."""
     torch.manual_seed(42)
@@ -547,7 +556,7 @@ def main():
     tokenizer = Tokenizer.from_directory()
     config = model_config(tokenizer.get_vocab_size())
     rows_per_step = TOTAL_BATCH_SIZE // MAX_SEQ_LEN
-    if TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN):
+    if DEVICE_BATCH_SIZE < 1 or TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN):
         raise runtime.RunError(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of "
                                f"DEVICE_BATCH_SIZE * MAX_SEQ_LEN ({DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN})")
     gpu_name, peak_flops, peak_note = runtime.describe_device(device)
@@ -571,13 +580,14 @@ def main():
         and it runs the evaluation's path, so a crash there shows now, not after the budget."""
         t0 = time.time()
         model, optimizer = build_model(config, device)
-        runtime.check_param_groups(model, optimizer)  # a parameter outside every group would never train
         runtime.prepare_attention(config.sequence_len, model.window_sizes, device)
         if use_cuda:
             # one compiled graph for the loss: training takes its mean, evaluation its per-token values
             model.losses = torch.compile(model.losses, dynamic=False)
         batches = make_dataloader(tokenizer, micro_batch, MAX_SEQ_LEN, "train", device=device)
+        gradients = runtime.track_gradients(model)
         loss, epoch = train_step(model, optimizer, batches, rows_per_step // micro_batch, 0, 0.0, autocast)
+        gradients.check()  # a trainable parameter that got no gradient would silently never train
         with autocast:
             check_evaluation(runtime.evaluation_model(model), tokenizer, micro_batch)
         loss = loss.item()

@@ -111,7 +111,7 @@ def test_cpu_choice_says_why_each_earlier_backend_was_skipped():
 
 @pytest.mark.parametrize("name, peak", [
     ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756.5e12), ("NVIDIA H100 NVL", 835.5e12),
-    ("NVIDIA H200", 989.5e12), ("NVIDIA GH200 480GB", 989.5e12),
+    ("NVIDIA H200", 989.5e12), ("NVIDIA H200 NVL", 835.5e12), ("NVIDIA GH200 480GB", 989.5e12),
     ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
     ("NVIDIA A10", 125e12), ("NVIDIA A10G", 70e12), ("NVIDIA L40S", 362.05e12), ("NVIDIA L40", 181.05e12),
     ("NVIDIA L4", 121e12), ("NVIDIA B200", 2250e12), ("NVIDIA GB200", 2500e12),
@@ -153,6 +153,51 @@ def test_param_groups_guard_names_a_parameter_in_two_groups():
     optimizer.param_groups[0]["params"].append(model.x0_lambdas)
     with pytest.raises(SystemExit, match=r"more than one optimizer group: x0_lambdas"):
         runtime.check_param_groups(model, optimizer)
+
+
+def test_tied_weights_are_one_line_not_a_traceback():
+    """Tying lm_head to the embedding puts one tensor in two groups: torch.optim would raise a
+    ValueError deep in its constructor; setup_optimizer checks the groups first."""
+    model = tiny_model()
+    model.lm_head.weight = model.transformer.wte.weight
+    with pytest.raises(SystemExit, match=r"^FAIL: parameter\(s\) in more than one optimizer group"):
+        optimizer_for(model)
+
+
+def test_a_vector_inside_the_blocks_is_named_not_an_assert():
+    """A bias (1-D) inside a block is no Muon matrix: it is left out, and the guard names it."""
+    model = tiny_model()
+    model.transformer.h[0].mlp.c_fc.bias = torch.nn.Parameter(torch.zeros(256))
+    with pytest.raises(SystemExit, match=r"no optimizer group.*transformer\.h\.0\.mlp\.c_fc\.bias"):
+        optimizer_for(model)
+
+
+def test_a_parameter_without_a_gradient_is_named(sdpa_backend):
+    """An unused module inside a block would otherwise sit in a Muon group, and a Muon group with a
+    missing gradient is skipped: every matrix of that shape would silently stop training."""
+    model = tiny_model()
+    model.transformer.h[1].attn.unused = torch.nn.Linear(64, 64, bias=False)  # built, never called
+    optimizer = optimizer_for(model)
+    gradients = runtime.track_gradients(model)
+    x = torch.randint(0, 97, (2, 32))
+    model(x, x).backward()
+    with pytest.raises(SystemExit, match=r"got no gradient in step 0.*transformer\.h\.1\.attn\.unused\.weight"):
+        gradients.check()
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())  # the hooks are gone
+    del model.transformer.h[1].attn.unused
+    gradients = runtime.track_gradients(model)
+    model(x, x).backward()
+    gradients.check()
+    assert optimizer is not None
+
+
+def test_negative_window_is_full_causal_attention(sdpa_backend):
+    """flash-attn reads a negative left window as "no limit": every backend does the same."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 24, 2, 8) for _ in range(3))
+    torch.testing.assert_close(runtime.attention(q, k, v, (-1, 0)), runtime.attention(q, k, v, (23, 0)))
+    with pytest.raises(SystemExit, match="use \\(left, 0\\)"):
+        runtime.attention(q, k, v, (4, 4))
 
 # =============================================================================
 # Fitting the micro-batch to memory
@@ -207,7 +252,8 @@ def test_fit_raises_other_errors_and_an_out_of_memory_at_one_row():
         runtime.fit_micro_batch(never_fits, 8, 8)
     assert runtime._micro_batch == 1
     assert "even at a micro-batch of 1" in runtime.out_of_memory_line(1)
-    assert runtime.out_of_memory_line(16).startswith("FAIL: CUDA out of memory. Lower DEVICE_BATCH_SIZE (now 16)")
+    assert runtime.out_of_memory_line(16).startswith("FAIL: CUDA out of memory at a micro-batch of 16. "
+                                                     "Lower DEVICE_BATCH_SIZE (to 8 or less)")
 
 
 def test_out_of_memory_exit_is_one_line(capsys):
