@@ -1330,7 +1330,10 @@ def _evaluate(model, tokenizer, batch_size, max_batches=None):
     device = next(model.parameters()).device
     T, N = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
     token_bytes = get_token_bytes(device)
-    rows = torch.from_numpy(np.asarray(val_rows(tokenizer, T, N), dtype=np.int32)).to(device)  # (N, T+1)
+    rows = val_rows(tokenizer, T, N)
+    if max_batches is not None:  # the warm-up's check needs only its batches' rows, not all N on the device
+        rows = rows[:batch_size * max_batches]
+    rows = torch.from_numpy(np.asarray(rows, dtype=np.int32)).to(device)  # (N or fewer, T+1)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     for i, start in enumerate(range(0, N, batch_size)[:max_batches]):

@@ -199,11 +199,6 @@ def _fa4_op():
     return fa4_attention
 
 
-def attention_backend():
-    """The backend select_attention() chose, or None before it ran."""
-    return _backend
-
-
 def prepare_attention(seq_len, window_sizes, device):
     """Build FlexAttention's block masks before torch.compile sees the model (no-op otherwise)."""
     if _backend == "flex":
