@@ -52,6 +52,7 @@ _fa3 = None          # the flash_attn_interface module when the backend is fa3
 _flex = None         # flex_attention, compiled on CUDA
 _fa4 = None          # the custom op wrapping FA4's kernels when the backend is fa4
 _block_masks = {}    # (T, left window, device type) -> BlockMask, built outside torch.compile
+_fa4_failed = None   # why FA4's kernels failed at the run's shapes (prepare_attention), if they did
 
 
 def _hub_reachable(timeout=3.0):
@@ -68,6 +69,8 @@ def _hub_reachable(timeout=3.0):
 
 def _fa4_unavailable(device):
     """None when FlashAttention-4 can serve `device`, else why not (one phrase)."""
+    if _fa4_failed:
+        return _fa4_failed
     if device.type != "cuda":
         return "no CUDA device"
     major, _ = torch.cuda.get_device_capability(device)
@@ -199,11 +202,27 @@ def _fa4_op():
     return fa4_attention
 
 
-def prepare_attention(seq_len, window_sizes, device):
-    """Build FlexAttention's block masks before torch.compile sees the model (no-op otherwise)."""
+def prepare_attention(seq_len, window_sizes, device, heads=1, kv_heads=1, head_dim=128):
+    """Before torch.compile sees the model: FlexAttention's block masks, or for FA4 one
+    forward and backward at the run's shapes (a single row). FA4 is chosen without running
+    a kernel; one that fails to build here (a GPU or head size its kernels do not cover)
+    then falls back to the next backend with an `attention:` line, instead of crashing
+    inside step 0 with a traceback."""
+    global _fa4_failed
+    device = torch.device(device)
+    if _backend == "fa4":
+        try:
+            q = torch.randn(1, seq_len, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+            k, v = (torch.randn(1, seq_len, kv_heads, head_dim, device=device, dtype=torch.bfloat16,
+                                requires_grad=True) for _ in range(2))
+            for left in sorted({left for left, _ in window_sizes}):
+                attention(q, k, v, (left, 0)).sum().backward()
+        except Exception as e:  # noqa: BLE001 (any failure: a compile error, an unsupported shape)
+            _fa4_failed = f"FA4 failed at this run's shapes ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            print_identity([("attention", select_attention(device))])
     if _backend == "flex":
         for left, _ in window_sizes:
-            _flex_block_mask(seq_len, left, torch.device(device))
+            _flex_block_mask(seq_len, left, device)
 
 
 def _flex_block_mask(T, left, device):
@@ -255,6 +274,336 @@ def window_mask(T, left, device):
     i = torch.arange(T, device=device)
     distance = i[:, None] - i[None, :]  # query index minus key index
     return (distance >= 0) & (distance <= left)
+
+# =============================================================================
+# Fused kernels: the rest of the step
+# =============================================================================
+#
+# Two pieces of the model that torch.compile leaves as several memory-bound passes,
+# each one Triton kernel pair here, each with its plain PyTorch version beside it: the
+# plain one runs where the kernels cannot (a CPU, no Triton, AUTORESEARCH_FUSED=0) and
+# the tests pin the kernels to it. The decision is `fused_kernels()`, once per process.
+#   rotary_norm               rotary embedding, then RMSNorm, of q or k (QK-norm)
+#   softcapped_cross_entropy  lm_head, soft-capped logits, per-token cross-entropy, and
+#                             in the same pass the gradient of each token's loss
+
+_fused = None   # (bool, why) once fused_kernels() has decided
+_interpret = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: kernels on any device
+_kernels = {}   # name -> Triton kernel, defined on first use (importing Triton takes a while)
+
+
+def fused_kernels():
+    """(True, what) when the Triton kernels may run, else (False, why not).
+
+    Decided once, when this module is imported (below), so that no compiled graph ever
+    traces the decision: torch.compile cannot trace `find_spec` and would split the
+    model's graph there. Kernels run on CUDA tensors, and anywhere under Triton's CPU
+    interpreter (TRITON_INTERPRET=1, as the tests run them)."""
+    global _fused
+    if _fused is None:
+        setting = os.environ.get("AUTORESEARCH_FUSED", "1")
+        if setting not in ("0", "1"):  # a user's setting: one line, not a traceback
+            raise SystemExit(f"fused: AUTORESEARCH_FUSED={setting!r}: use 1 (Triton kernels) or 0 (plain PyTorch)")
+        if setting == "0":
+            _fused = (False, "AUTORESEARCH_FUSED=0")
+        elif importlib.util.find_spec("triton") is None:
+            _fused = (False, "Triton is not installed")
+        else:
+            _fused = (True, "Triton kernels")
+    return _fused
+
+
+def fused_line(device):
+    """The `fused:` identity line for a run on `device`: which pieces run as kernels, or why none do."""
+    on, why = fused_kernels()
+    if on and torch.device(device).type != "cuda" and not _interpret:
+        on, why = False, "no CUDA device"
+    return f"rotary_norm, softcapped_cross_entropy ({why})" if on else f"none, plain PyTorch ({why})"
+
+
+def _use_kernels(x):
+    return _fused[0] and (x.is_cuda or _interpret)
+
+
+def _compute_dtype(x):
+    """The dtype autocast would run a matmul on x in: what the plain version computes in."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _triton_kernels():
+    """Define the Triton kernels once, on first use."""
+    if _kernels:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rotary_norm_fwd(x_ptr, cos_ptr, sin_ptr, y_ptr, rstd_ptr, n_rows, heads, T, eps,
+                        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+        # rows of x are (token, head) pairs of one head's D = 2·HALF channels
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_H)
+        mask = (rows < n_rows)[:, None] & (cols < HALF)[None, :]
+        at = rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
+        table = ((rows // heads) % T)[:, None] * HALF + cols[None, :]  # the token's position
+        x1 = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        r1 = x1 * c + x2 * s
+        r2 = x2 * c - x1 * s
+        rstd = 1.0 / tl.sqrt((tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1)) / (2 * HALF) + eps)
+        tl.store(y_ptr + at, (r1 * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + at + HALF, (r2 * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+
+    @triton.jit
+    def rotary_norm_bwd(dy_ptr, y_ptr, rstd_ptr, cos_ptr, sin_ptr, dx_ptr, n_rows, heads, T,
+                        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_H)
+        mask = (rows < n_rows)[:, None] & (cols < HALF)[None, :]
+        at = rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
+        table = ((rows // heads) % T)[:, None] * HALF + cols[None, :]
+        dy1 = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dy2 = tl.load(dy_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        y1 = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        y2 = tl.load(y_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)[:, None]
+        c = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        # RMSNorm backward from its output y = r·rstd: dr = rstd·(dy - y·mean(dy·y))
+        mean_dy_y = ((tl.sum(dy1 * y1, axis=1) + tl.sum(dy2 * y2, axis=1)) / (2 * HALF))[:, None]
+        dr1 = rstd * (dy1 - y1 * mean_dy_y)
+        dr2 = rstd * (dy2 - y2 * mean_dy_y)
+        # the rotation's transpose
+        tl.store(dx_ptr + at, (dr1 * c - dr2 * s).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + at + HALF, (dr1 * s + dr2 * c).to(dx_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def softcapped_ce(logits_ptr, targets_ptr, losses_ptr, cap, V: tl.constexpr, WITH_GRAD: tl.constexpr,
+                      CHUNK: tl.constexpr):
+        # One row of logits per program; tanh(u) is written 2 / (1 + exp(-2u)) - 1. A row that
+        # fits one CHUNK is held in registers: read once, written once. A longer row takes two
+        # passes: a running max and sum over its chunks, then the gradient chunk by chunk.
+        row = tl.program_id(0).to(tl.int64)
+        target = tl.load(targets_ptr + row)
+        valid = target >= 0  # target -1: ignored, loss 0 and no gradient
+        # the target's logit, read before any gradient is written over it
+        target_logit = tl.load(logits_ptr + row * V + tl.maximum(target, 0)).to(tl.float32)
+        target_z = cap * (2.0 / (1.0 + tl.exp(-2.0 / cap * target_logit)) - 1.0)
+        cols = tl.arange(0, CHUNK)
+        if CHUNK >= V:
+            at = logits_ptr + row * V + cols
+            logits = tl.load(at, mask=cols < V, other=0.0).to(tl.float32)
+            t = 2.0 / (1.0 + tl.exp(-2.0 / cap * logits)) - 1.0
+            z = tl.where(cols < V, cap * t, float("-inf"))
+            m = tl.max(z, axis=0)
+            e = tl.exp(z - m)
+            total = tl.sum(e, axis=0)
+            lse = m + tl.log(total)
+            if WITH_GRAD:
+                # d loss / d logit = (softmax - one-hot) · (1 - tanh²), written over the logits
+                grad = (e * (1.0 / total) - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t)
+                tl.store(at, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=cols < V)
+        else:
+            m = tl.max(tl.full((CHUNK,), float("-inf"), tl.float32), axis=0)
+            total = tl.sum(tl.zeros((CHUNK,), tl.float32), axis=0)
+            for start in range(0, V, CHUNK):
+                logits = tl.load(logits_ptr + row * V + start + cols, mask=start + cols < V, other=0.0).to(tl.float32)
+                z = tl.where(start + cols < V, cap * (2.0 / (1.0 + tl.exp(-2.0 / cap * logits)) - 1.0), float("-inf"))
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                total = total * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(total)
+            if WITH_GRAD:
+                for start in range(0, V, CHUNK):
+                    at = logits_ptr + row * V + start + cols
+                    logits = tl.load(at, mask=start + cols < V, other=0.0).to(tl.float32)
+                    t = 2.0 / (1.0 + tl.exp(-2.0 / cap * logits)) - 1.0
+                    grad = (tl.exp(cap * t - lse) - tl.where(start + cols == target, 1.0, 0.0)) * (1.0 - t * t)
+                    tl.store(at, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=start + cols < V)
+        tl.store(losses_ptr + row, tl.where(valid, lse - target_z, 0.0))
+
+    _kernels.update(rotary_norm_fwd=rotary_norm_fwd, rotary_norm_bwd=rotary_norm_bwd, softcapped_ce=softcapped_ce)
+    return _kernels
+
+
+# --- rotary_norm ----------------------------------------------------------------
+
+ROTARY_ROWS = 16   # (token, head) rows per program: 16 x 128 channels keeps 4 warps busy
+
+
+def rotary_norm_plain(x, cos, sin):
+    """Rotary embedding, then RMSNorm over each head: the definition.
+
+    x: (B, T, H, D); cos, sin: (1, T, 1, D/2). The first half of each head's channels is
+    rotated against the second half by the position's angles, then the head is scaled to
+    unit RMS (no learned weight). Returns (B, T, H, D) in x's dtype.
+    """
+    d = x.size(3) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    rotated = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=3)
+    return F.rms_norm(rotated, (x.size(-1),))
+
+
+def _rms_eps(dtype):
+    # F.rms_norm's default: the epsilon of the dtype it computes in (float32 for 16-bit inputs)
+    return torch.finfo(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype).eps
+
+
+def _rotary_norm_grid(n_rows):
+    return (-(-n_rows // ROTARY_ROWS),)
+
+
+@torch.library.custom_op("autoresearch::rotary_norm", mutates_args=())
+def _rotary_norm_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, H, D = x.shape
+    y = torch.empty_like(x)
+    rstd = torch.empty(B * T * H, dtype=torch.float32, device=x.device)
+    _triton_kernels()["rotary_norm_fwd"][_rotary_norm_grid(B * T * H)](
+        x, cos, sin, y, rstd, B * T * H, H, T, _rms_eps(x.dtype),
+        HALF=D // 2, BLOCK_H=1 << (D // 2 - 1).bit_length(), BLOCK_R=ROTARY_ROWS)
+    return y, rstd
+
+
+@_rotary_norm_op.register_fake
+def _(x, cos, sin):
+    B, T, H, _ = x.shape
+    return torch.empty_like(x), x.new_empty(B * T * H, dtype=torch.float32)
+
+
+@torch.library.custom_op("autoresearch::rotary_norm_backward", mutates_args=())
+def _rotary_norm_backward_op(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor) -> torch.Tensor:
+    B, T, H, D = y.shape
+    dx = torch.empty_like(y)
+    _triton_kernels()["rotary_norm_bwd"][_rotary_norm_grid(B * T * H)](
+        dy, y, rstd, cos, sin, dx, B * T * H, H, T,
+        HALF=D // 2, BLOCK_H=1 << (D // 2 - 1).bit_length(), BLOCK_R=ROTARY_ROWS)
+    return dx
+
+
+@_rotary_norm_backward_op.register_fake
+def _(dy, y, rstd, cos, sin):
+    return torch.empty_like(y)
+
+
+def _rotary_norm_setup(ctx, inputs, output):
+    _, cos, sin = inputs
+    y, rstd = output
+    ctx.save_for_backward(y, rstd, cos, sin)  # the output, not the input: attention keeps y anyway
+    ctx.set_materialize_grads(False)  # no zeros for rstd's "gradient"
+
+
+def _rotary_norm_backward(ctx, dy, drstd):
+    if dy is None:  # y itself was not used
+        return None, None, None
+    y, rstd, cos, sin = ctx.saved_tensors
+    return _rotary_norm_backward_op(dy.contiguous(), y, rstd, cos, sin), None, None
+
+
+_rotary_norm_op.register_autograd(_rotary_norm_backward, setup_context=_rotary_norm_setup)
+
+
+def rotary_norm(x, cos, sin):
+    """`rotary_norm_plain(x, cos, sin)` as one kernel each way: read q (or k) once, write once.
+
+    torch.compile makes it a forward pass and a slower backward pass that recomputes the
+    rotation; here the backward starts from the saved output (which attention keeps
+    anyway), so the input need not be kept. Same shapes and dtype as the plain version.
+    """
+    B, T, H, D = x.shape
+    if not _use_kernels(x) or D % 2 or cos.requires_grad or sin.requires_grad:
+        return rotary_norm_plain(x, cos, sin)
+    assert cos.shape == sin.shape == (1, T, 1, D // 2), f"rotary tables {tuple(cos.shape)}: want (1, {T}, 1, {D // 2})"
+    dtype = x.dtype
+    return _rotary_norm_op(x.contiguous(), cos.reshape(T, D // 2).to(dtype), sin.reshape(T, D // 2).to(dtype))[0]
+
+# --- softcapped_cross_entropy ---------------------------------------------------
+
+CE_CHUNK = 8192   # logits per row held in registers at once: a vocabulary up to this is one pass
+CE_WARPS = 8      # warps per row: 8 x 32 threads hold 8,192 logits at 32 each
+
+
+def softcapped_logits(x, weight, cap):
+    """lm_head, then float32 logits soft-capped to ±cap: cap·tanh(logits / cap). (..., vocab)"""
+    logits = F.linear(x, weight).float()
+    return cap * torch.tanh(logits / cap)
+
+
+def softcapped_cross_entropy_plain(x, weight, targets, cap):
+    """Per-token cross-entropy in nats of the soft-capped logits: the definition.
+
+    x: (B, T, C) the final normed hidden state; weight: (vocab, C); targets: (B, T), -1 is
+    ignored (loss 0). Returns (B*T,) float32.
+    """
+    logits = softcapped_logits(x, weight, cap)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
+
+
+@torch.library.custom_op("autoresearch::softcapped_cross_entropy", mutates_args=())
+def _softcapped_ce_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
+                      with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = x @ weight.t()  # (N, V), overwritten by each token's loss gradient when with_grad
+    losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+    V = logits.size(1)
+    _triton_kernels()["softcapped_ce"][(x.size(0),)](
+        logits, targets, losses, cap, V=V, WITH_GRAD=with_grad, CHUNK=min(CE_CHUNK, 1 << (V - 1).bit_length()),
+        num_warps=CE_WARPS)
+    return losses, logits if with_grad else logits.new_empty(0)
+
+
+@_softcapped_ce_op.register_fake
+def _(x, weight, targets, cap, with_grad):
+    N, V = x.size(0), weight.size(0)
+    return x.new_empty(N, dtype=torch.float32), x.new_empty((N, V) if with_grad else (0,))
+
+
+def _softcapped_ce_setup(ctx, inputs, output):
+    x, weight, *_ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    # the gradient buffer is internal: autograd must not hand the backward a (B*T, vocab)
+    # tensor of zeros as its "gradient" (4 GiB allocated and written for nothing)
+    ctx.set_materialize_grads(False)
+
+
+def _softcapped_ce_backward(ctx, dlosses, _):
+    # each token's loss depends on its own row only: dlogits = dlosses[:, None] * grad,
+    # with the per-row scale moved onto the small (N, C) sides of the two matmuls
+    if dlosses is None:
+        return None, None, None, None, None
+    x, weight, grad = ctx.saved_tensors
+    scale = dlosses[:, None]
+    dx = ((grad @ weight).float() * scale).to(x.dtype) if ctx.needs_input_grad[0] else None
+    dweight = grad.t() @ (x.float() * scale).to(x.dtype) if ctx.needs_input_grad[1] else None
+    return dx, dweight, None, None, None
+
+
+_softcapped_ce_op.register_autograd(_softcapped_ce_backward, setup_context=_softcapped_ce_setup)
+
+
+def softcapped_cross_entropy(x, weight, targets, cap):
+    """`softcapped_cross_entropy_plain` with the logits made and used in one pass.
+
+    The plain version writes the (B*T, vocab) logits, reads them for the loss, reads them
+    again in the backward and writes their gradient: four passes over the largest tensor
+    of the step. Here one kernel reads each row once and writes the gradient of that
+    token's loss over it (the backward only scales rows), and the backward never holds
+    the logits and their gradient at once. Same result, float32 (B*T,).
+    """
+    if not _use_kernels(x):
+        return softcapped_cross_entropy_plain(x, weight, targets, cap)
+    dtype = _compute_dtype(x)
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    x = x.reshape(-1, x.size(-1)).to(dtype)
+    return _softcapped_ce_op(x, weight.to(dtype), targets.reshape(-1), float(cap), with_grad)[0]
+
+
+
+fused_kernels()  # at import: see its docstring
 
 # =============================================================================
 # GPU facts

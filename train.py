@@ -27,7 +27,11 @@ import torch.nn.functional as F
 import runtime  # also sets the CUDA allocator's options, before the run touches the GPU
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, SMOKE, TIME_BUDGET, UNTIMED_STEPS
 from prepare import Tokenizer, check_evaluation, evaluate_bpb, make_dataloader, verify_data
-from runtime import attention  # causal sliding-window attention; replace it here to try your own
+# the model's pieces that run as fused kernels on CUDA; each is replaceable here (their plain
+# PyTorch definitions, `rotary_norm_plain` and `softcapped_cross_entropy_plain`, are in runtime.py)
+from runtime import attention  # causal sliding-window attention
+from runtime import rotary_norm  # rotary embedding, then RMSNorm per head (QK-norm)
+from runtime import softcapped_cross_entropy, softcapped_logits  # lm_head, cap·tanh(logits/cap), cross-entropy
 
 # =============================================================================
 # Model
@@ -45,6 +49,7 @@ class GPTConfig:
 
 
 VE_GATE_CHANNELS = 32   # value-embedding gates read only the first 32 channels of x
+SOFTCAP = 15            # logits are soft-capped to ±15: 15·tanh(logits / 15)
 
 
 def norm(x):
@@ -65,13 +70,6 @@ def window_sizes(config):
     sizes = [(full if pattern[i % len(pattern)] == "L" else half, 0) for i in range(config.n_layer)]
     sizes[-1] = (full, 0)
     return sizes
-
-
-def apply_rotary(x, cos, sin):
-    # x: (B, T, H, D); rotate the first half of each head against the second half
-    d = x.size(3) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=3)
 
 
 class CausalSelfAttention(nn.Module):
@@ -100,9 +98,8 @@ class CausalSelfAttention(nn.Module):
             ve = ve.view(B, T, self.n_kv_head, self.head_dim)
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, H_kv)
             v = v + gate.unsqueeze(-1) * ve
-        cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q), norm(k)  # QK-norm, after the rotation
+        cos, sin = cos_sin  # (1, T, 1, D/2): rotate each head's first half against its second half
+        q, k = rotary_norm(q, cos, sin), rotary_norm(k, cos, sin)  # QK-norm, after the rotation
         y = attention(q, k, v, window_size)  # (B, T, H, D)
         return self.c_proj(y.contiguous().view(B, T, -1))
 
@@ -237,7 +234,7 @@ class GPT(nn.Module):
         """Logits (B, T, vocab) without targets; with targets the mean loss, or with
         reduction='none' the per-token losses (B*T,) in nats. Both carry gradients."""
         if targets is None:
-            return softcapped_logits(self.trunk(idx), self.lm_head.weight)
+            return softcapped_logits(norm(self.trunk(idx)), self.lm_head.weight, SOFTCAP)
         assert reduction in ("mean", "none"), f"reduction={reduction!r}: use 'mean' or 'none'"
         mean_loss, per_token = self.losses(idx, targets)
         return mean_loss if reduction == "mean" else per_token
@@ -248,7 +245,7 @@ class GPT(nn.Module):
         One function, so one compiled graph (main() compiles it) serves training (the
         mean) and evaluation (per token): the evaluation compiles nothing new.
         """
-        per_token = token_losses(self.trunk(idx), self.lm_head.weight, targets)
+        per_token = softcapped_cross_entropy(norm(self.trunk(idx)), self.lm_head.weight, targets, SOFTCAP)
         return per_token.sum() / (targets != -1).sum(), per_token
 
     def trunk(self, idx):
@@ -264,17 +261,6 @@ class GPT(nn.Module):
             x = block(x, ve, cos_sin, self.window_sizes[i])
         return x
 
-
-def softcapped_logits(x, lm_head_weight):
-    """Final norm, lm_head, float32 logits soft-capped to ±15: (B, T, vocab)."""
-    logits = F.linear(norm(x), lm_head_weight).float()
-    return 15 * torch.tanh(logits / 15)
-
-
-def token_losses(x, lm_head_weight, targets):
-    """Per-token cross-entropy in nats, flat (B*T,) as F.cross_entropy gives it; 0 where the target is -1."""
-    logits = softcapped_logits(x, lm_head_weight)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
 
 # =============================================================================
 # Optimizer: MuonAdamW
@@ -565,6 +551,7 @@ def main():
     num_params, flops_per_token = shape.param_counts()["total"], shape.estimate_flops()
     runtime.print_identity([
         ("attention", runtime.select_attention(device)),
+        ("fused", runtime.fused_line(device)),
         ("device", f"{gpu_name} ({peak_note})"),
         ("data", runtime.fingerprint_line(fingerprints)),
         ("constants", f"MAX_SEQ_LEN={MAX_SEQ_LEN} TIME_BUDGET={TIME_BUDGET} EVAL_TOKENS={EVAL_TOKENS:,}"
@@ -580,7 +567,8 @@ def main():
         and it runs the evaluation's path, so a crash there shows now, not after the budget."""
         t0 = time.time()
         model, optimizer = build_model(config, device)
-        runtime.prepare_attention(config.sequence_len, model.window_sizes, device)
+        runtime.prepare_attention(config.sequence_len, model.window_sizes, device, config.n_head, config.n_kv_head,
+                                  config.n_embd // config.n_head)
         if use_cuda:
             # one compiled graph for the loss: training takes its mean, evaluation its per-token values
             model.losses = torch.compile(model.losses, dynamic=False)

@@ -304,3 +304,21 @@ def test_train_keeps_no_machinery():
     for machinery in ("CUDAGraph", "get_kernel", "GPU_PEAK_FLOPS", "create_block_mask", "out of memory"):
         assert machinery not in source, f"{machinery} belongs in runtime.py"
     assert train.attention is runtime.attention  # replaceable in train.py, implemented in runtime.py
+
+
+def test_fa4_that_fails_at_the_run_shapes_falls_back_with_a_line(monkeypatch, capsys):
+    """FA4 is chosen before any of its kernels runs; prepare_attention runs one forward and
+    backward at the run's shapes, and a failure there means the next backend, said in a line."""
+    def broken_fa4(q, k, v, left):
+        raise RuntimeError("DSLRuntimeError: no kernel for head_dim 96\nmore detail")
+
+    monkeypatch.setattr(runtime, "_backend", "fa4")
+    monkeypatch.setattr(runtime, "_fa4", broken_fa4)
+    monkeypatch.setattr(runtime, "_fa4_failed", None)
+    runtime.prepare_attention(16, [(8, 0), (16, 0)], "cpu", heads=2, kv_heads=2, head_dim=8)
+    assert runtime._backend == "sdpa"  # the next backend on this CPU
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("attention:") and "sdpa" in line
+    assert "no FA4: FA4 failed at this run's shapes (RuntimeError: DSLRuntimeError: no kernel for head_dim 96)" in line
+    with pytest.raises(SystemExit, match="fa4 was asked for, but FA4 failed at this run's shapes"):
+        runtime.select_attention("cpu", "fa4")  # forcing it gives the same reason, in one line

@@ -1,0 +1,129 @@
+"""
+The cases that pin runtime.py's fused kernels to their plain PyTorch definitions.
+
+tests/test_fused.py runs them twice: on a CPU through Triton's interpreter (in a
+subprocess, `TRITON_INTERPRET=1 python tests/fused_cases.py` prints them as JSON),
+and on CUDA in-process. Each case returns the largest differences between the fused
+piece and its plain version (forward and gradients), the scale they are measured
+against, and whether the fused kernels really ran.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import runtime  # noqa: E402
+
+
+def _max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def rotary_case(device, dtype, B, T, H, D, seed=0):
+    """rotary_norm against rotary_norm_plain on one (B, T, H, D) input, forward and backward."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, D, generator=g).to(device, dtype)
+    angles = torch.randn(T, D // 2, generator=g)
+    cos, sin = (a.to(device, dtype)[None, :, None, :] for a in (angles.cos(), angles.sin()))
+    upstream = torch.randn(B, T, H, D, generator=g).to(device, dtype)
+    results = []
+    for f in (runtime.rotary_norm, runtime.rotary_norm_plain):
+        xi = x.clone().requires_grad_()
+        y = f(xi, cos, sin)
+        y.backward(upstream)
+        results.append((y, xi.grad, type(y.grad_fn).__name__))
+    (y, dx, node), (y0, dx0, _) = results
+    return dict(fused="autoresearch_rotary_norm" in node, dtype_same=y.dtype == y0.dtype,
+                forward=_max_diff(y, y0), backward=_max_diff(dx, dx0), scale=dx0.abs().max().item())
+
+
+def cross_entropy_case(device, dtype, N, C, V, cap, ignored=(), per_token_grad=True, chunk=None, seed=0):
+    """softcapped_cross_entropy against the plain version: losses, and the gradients of
+    sum(losses · u) for random per-token weights u (or of the mean, as training uses it).
+    `chunk` below V takes the kernel's two-pass path, as a vocabulary above CE_CHUNK would."""
+    saved_chunk = runtime.CE_CHUNK
+    runtime.CE_CHUNK = chunk or saved_chunk
+    try:
+        return _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, seed)
+    finally:
+        runtime.CE_CHUNK = saved_chunk
+
+
+def _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, N, C, generator=g).to(device, dtype)
+    weight = (torch.randn(V, C, generator=g) * 0.5).to(device)  # float32, as lm_head is
+    targets = torch.randint(0, V, (2, N), generator=g).to(device)
+    for i in ignored:
+        targets.view(-1)[i] = -1
+    u = torch.rand(2 * N, generator=g).to(device) if per_token_grad else None
+    results = []
+    for f in (runtime.softcapped_cross_entropy, runtime.softcapped_cross_entropy_plain):
+        xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        losses = f(xi, wi.to(dtype), targets, cap)
+        objective = (losses * u).sum() if per_token_grad else losses.sum() / (targets != -1).sum()
+        objective.backward()
+        results.append((losses, xi.grad, wi.grad, type(losses.grad_fn).__name__))
+    (l, dx, dw, node), (l0, dx0, dw0, _) = results
+    with torch.no_grad():  # the evaluation's path: losses only, no gradient written
+        l_nograd = runtime.softcapped_cross_entropy(x, weight.to(dtype), targets, cap)
+    return dict(fused="autoresearch_softcapped_cross_entropy" in node, dtype_same=l.dtype == l0.dtype,
+                losses=_max_diff(l, l0), losses_nograd=_max_diff(l_nograd, l0), ignored_zero=bool(
+                    (l.view(-1)[list(ignored)] == 0).all()) if ignored else True,
+                dx=_max_diff(dx, dx0), dw=_max_diff(dw, dw0), scale=max(dx0.abs().max().item(), dw0.abs().max().item()))
+
+
+# (name, function, kwargs): small shapes with the awkward edges the kernels must handle
+CASES = [
+    ("rotary_fp32", rotary_case, dict(dtype=torch.float32, B=2, T=5, H=3, D=8)),
+    ("rotary_fp32_rows_not_a_multiple", rotary_case, dict(dtype=torch.float32, B=1, T=7, H=5, D=16)),
+    ("rotary_fp32_half_not_a_power_of_2", rotary_case, dict(dtype=torch.float32, B=2, T=3, H=2, D=12)),
+    ("rotary_bf16", rotary_case, dict(dtype=torch.bfloat16, B=2, T=9, H=2, D=32)),
+    ("ce_fp32_ignored", cross_entropy_case, dict(dtype=torch.float32, N=9, C=16, V=50, cap=15.0, ignored=(3, 11))),
+    ("ce_fp32_small_cap", cross_entropy_case, dict(dtype=torch.float32, N=8, C=8, V=64, cap=2.0)),
+    ("ce_fp32_mean", cross_entropy_case, dict(dtype=torch.float32, N=6, C=8, V=33, cap=15.0, ignored=(0,),
+                                              per_token_grad=False)),
+    ("ce_fp32_two_pass", cross_entropy_case, dict(dtype=torch.float32, N=7, C=8, V=100, cap=15.0, ignored=(2,),
+                                                  chunk=32)),
+    ("ce_bf16_two_pass_small_cap", cross_entropy_case, dict(dtype=torch.bfloat16, N=5, C=16, V=70, cap=3.0,
+                                                            chunk=16)),
+    ("ce_bf16", cross_entropy_case, dict(dtype=torch.bfloat16, N=8, C=32, V=100, cap=15.0, ignored=(5,))),
+]
+
+
+def run_cases(device):
+    return {name: f(device, **kwargs) for name, f, kwargs in CASES}
+
+
+def compiled_whole(device):
+    """Both pieces inside one torch.compile'd function with fullgraph=True (no graph break
+    allowed), through AOTAutograd (the ops' shape functions, their autograd): the compiled
+    loss and gradient equal the eager ones."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D, V = 2, 6, 2, 8, 40
+    x = torch.randn(B, T, H, D, generator=g).to(device).requires_grad_()
+    angles = torch.randn(T, D // 2, generator=g)
+    cos, sin = (a.to(device)[None, :, None, :] for a in (angles.cos(), angles.sin()))
+    weight = torch.randn(V, H * D, generator=g).to(device).requires_grad_()
+    targets = torch.randint(0, V, (B, T), generator=g).to(device)
+
+    def loss(x, weight):
+        h = runtime.rotary_norm(x, cos, sin).reshape(B, T, H * D)
+        return runtime.softcapped_cross_entropy(h, weight, targets, 15.0).mean()
+
+    results = []
+    for f in (torch.compile(loss, backend="aot_eager", fullgraph=True), loss):
+        value = f(x, weight)
+        dx, dw = torch.autograd.grad(value, (x, weight))
+        results.append((value, dx, dw))
+    (v, dx, dw), (v0, dx0, dw0) = results
+    return dict(loss=_max_diff(v, v0), dx=_max_diff(dx, dx0), dw=_max_diff(dw, dw0))
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (Triton's CPU interpreter)"
+    print(json.dumps(dict(fused_line=runtime.fused_line("cpu"), cases=run_cases("cpu"), compiled=compiled_whole("cpu"))))

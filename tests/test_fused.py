@@ -1,0 +1,159 @@
+"""
+Tests for runtime.py's fused kernels (rotary_norm, softcapped_cross_entropy): each is
+pinned to its plain PyTorch definition, forward and gradients, on a CPU through
+Triton's interpreter and, on a CUDA machine, on the GPU and inside torch.compile.
+Also the one decision (kernels or plain) and its switch.
+
+    uv run pytest tests/test_fused.py          # ~15 s on a CPU
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime
+from fused_cases import CASES, compiled_whole, rotary_case, run_cases
+
+REPO = Path(__file__).resolve().parent.parent
+CASE_NAMES = [name for name, _, _ in CASES]
+
+pytest.importorskip("triton", reason="the fused kernels are Triton kernels")
+
+
+def check_case(name, case):
+    """Fused equals plain: to float32 rounding in float32, to bf16 rounding in bf16."""
+    assert case["fused"], f"{name}: the fused kernel did not run (the plain version would pass trivially)"
+    assert case["dtype_same"], f"{name}: the fused piece returns another dtype than the plain one"
+    bf16 = "bf16" in name
+    if name.startswith("rotary"):
+        assert case["forward"] <= (2**-6 if bf16 else 1e-5), (name, case)  # unit-RMS outputs: 1e-5 is ~100 ulp
+        assert case["backward"] <= (2**-6 if bf16 else 1e-5) * case["scale"], (name, case)
+    else:
+        assert case["losses"] <= 1e-4 and case["losses_nograd"] <= 1e-4, (name, case)  # float32 losses, in nats
+        assert case["ignored_zero"], (name, case)
+        tolerance = 2**-7 if bf16 else 1e-5
+        assert case["dx"] <= tolerance * case["scale"] and case["dw"] <= tolerance * case["scale"], (name, case)
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """Every case, run once on a CPU by Triton's interpreter, in a fresh process (the
+    interpreter is chosen when the kernels are defined)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "AUTORESEARCH_FUSED": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "fused_cases.py")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_kernel_matches_plain_in_the_interpreter(interpreted, name):
+    check_case(name, interpreted["cases"][name])
+
+
+def test_interpreter_run_announces_the_kernels(interpreted):
+    assert interpreted["fused_line"] == "rotary_norm, softcapped_cross_entropy (Triton kernels)"
+
+
+def test_both_pieces_compile_as_one_graph(interpreted):
+    """The decision is made at import, so torch.compile traces no decision code and the
+    model's graph is not split at each piece (fullgraph=True would raise)."""
+    compiled = interpreted["compiled"]
+    assert max(compiled.values()) < 1e-5, compiled
+
+
+def test_the_pin_catches_a_wrong_rotation(monkeypatch):
+    """A check that cannot fail is no check: a rotation by the opposite angle fails it."""
+    monkeypatch.setattr(runtime, "rotary_norm", lambda x, cos, sin: runtime.rotary_norm_plain(x, cos, -sin))
+    wrong = rotary_case("cpu", torch.float32, B=1, T=4, H=2, D=8)
+    wrong["fused"] = True  # as if a kernel had produced it
+    with pytest.raises(AssertionError):
+        check_case("rotary_fp32", wrong)
+
+
+# =============================================================================
+# The decision: kernels or plain PyTorch
+# =============================================================================
+
+
+@pytest.fixture
+def fresh_decision(monkeypatch):
+    """Let fused_kernels() decide again under the test's environment; restored afterwards."""
+    monkeypatch.setattr(runtime, "_fused", None)
+    return monkeypatch
+
+
+def test_switch_off_runs_the_plain_version(fresh_decision):
+    fresh_decision.setenv("AUTORESEARCH_FUSED", "0")
+    fresh_decision.setattr(runtime, "_interpret", True)  # kernels would run anywhere, but the switch wins
+    assert runtime.fused_line("cpu") == "none, plain PyTorch (AUTORESEARCH_FUSED=0)"
+    x = torch.randn(1, 3, 2, 4, requires_grad=True)
+    cos = sin = torch.ones(1, 3, 1, 2)
+    assert "rotary_norm" not in type(runtime.rotary_norm(x, cos, sin).grad_fn).__name__
+
+
+def test_bad_switch_value_is_one_line(fresh_decision):
+    fresh_decision.setenv("AUTORESEARCH_FUSED", "yes")
+    with pytest.raises(SystemExit, match=r"AUTORESEARCH_FUSED='yes': use 1 \(Triton kernels\) or 0"):
+        runtime.fused_kernels()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the kernels run")
+def test_cpu_runs_the_plain_version_and_says_why(fresh_decision):
+    fresh_decision.delenv("AUTORESEARCH_FUSED", raising=False)
+    fresh_decision.setattr(runtime, "_interpret", False)
+    assert runtime.fused_line("cpu") == "none, plain PyTorch (no CUDA device)"
+    x = torch.randn(2, 4, 8)
+    w = torch.randn(16, 8)
+    targets = torch.randint(0, 16, (2, 4))
+    assert torch.equal(runtime.softcapped_cross_entropy(x, w, targets, 15.0),
+                       runtime.softcapped_cross_entropy_plain(x, w, targets, 15.0))
+
+# =============================================================================
+# On the GPU
+# =============================================================================
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_kernels_match_plain_on_the_gpu():
+    for name, case in run_cases("cuda").items():
+        check_case(name, case)
+    assert max(compiled_whole("cuda").values()) < 1e-4
+
+
+@cuda
+def test_kernels_at_train_shapes_under_autocast_and_compile():
+    """train.py's shapes (a quarter of its rows), autocast, inside torch.compile: the custom
+    ops' shape functions and autograd hold up, and the numbers stay the plain version's."""
+    torch.manual_seed(0)
+    B, T, H, D, V = 8, 2048, 4, 128, 8192
+    x = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    angles = torch.arange(T, device="cuda")[:, None] * torch.rand(D // 2, device="cuda")[None]
+    cos, sin = angles.cos().bfloat16()[None, :, None], angles.sin().bfloat16()[None, :, None]
+    w = torch.randn(V, H * D, device="cuda") * 0.02
+    targets = torch.randint(0, V, (B, T), device="cuda")
+
+    def loss(rotary, cross_entropy, x, w):
+        h = rotary(x, cos, sin).reshape(B, T, H * D)
+        return cross_entropy(torch.nn.functional.rms_norm(h, (H * D,)), w, targets, 15.0).mean()
+
+    results = []
+    for rotary, cross_entropy, compiled in ((runtime.rotary_norm, runtime.softcapped_cross_entropy, True),
+                                            (runtime.rotary_norm_plain, runtime.softcapped_cross_entropy_plain, False)):
+        f = torch.compile(loss, dynamic=False) if compiled else loss
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            value = f(rotary, cross_entropy, xi, wi)
+        value.backward()
+        results.append((value, xi.grad, wi.grad))
+    (v, dx, dw), (v0, dx0, dw0) = results
+    assert abs(v.item() - v0.item()) < 2e-3
+    assert (dx.float() - dx0.float()).abs().max() <= 2**-6 * dx0.abs().max()
+    assert (dw.float() - dw0.float()).abs().max() <= 2**-6 * dw0.abs().max()
