@@ -217,7 +217,11 @@ def prepare_attention(seq_len, window_sizes, device, heads=1, kv_heads=1, head_d
                                 requires_grad=True) for _ in range(2))
             for left in sorted({left for left, _ in window_sizes}):
                 attention(q, k, v, (left, 0)).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # a kernel's fault shows here, not in step 0
         except Exception as e:  # noqa: BLE001 (any failure: a compile error, an unsupported shape)
+            if is_out_of_memory(e):
+                raise  # a full GPU says nothing about FA4: fitting the micro-batch deals with it
             _fa4_failed = f"FA4 failed at this run's shapes ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             print_identity([("attention", select_attention(device))])
     if _backend == "flex":
@@ -290,6 +294,7 @@ def window_mask(T, left, device):
 _fused = None   # (bool, why) once fused_kernels() has decided
 _interpret = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: kernels on any device
 _kernels = {}   # name -> Triton kernel, defined on first use (importing Triton takes a while)
+_tanh = None    # the kernels' tanh, a Triton function: a module global, where Triton looks helpers up
 
 
 def fused_kernels():
@@ -334,10 +339,21 @@ def _compute_dtype(x):
 
 def _triton_kernels():
     """Define the Triton kernels once, on first use."""
+    global _tanh
     if _kernels:
         return _kernels
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def tanh(u):
+        # 2 / (1 + exp(-2u)) - 1, except near 0 where that subtraction loses the digits that
+        # cap·tanh(logit / cap) needs under a large cap: there the series to u⁷ (error < 2e-10)
+        u2 = u * u
+        series = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 - u2 * (17.0 / 315.0))))
+        return tl.where(tl.abs(u) < 0.125, series, 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0)
+
+    _tanh = tanh
 
     @triton.jit
     def rotary_norm_fwd(x_ptr, cos_ptr, sin_ptr, y_ptr, rstd_ptr, n_rows, heads, T, eps,
@@ -385,20 +401,21 @@ def _triton_kernels():
     @triton.jit
     def softcapped_ce(logits_ptr, targets_ptr, losses_ptr, cap, V: tl.constexpr, WITH_GRAD: tl.constexpr,
                       CHUNK: tl.constexpr):
-        # One row of logits per program; tanh(u) is written 2 / (1 + exp(-2u)) - 1. A row that
-        # fits one CHUNK is held in registers: read once, written once. A longer row takes two
-        # passes: a running max and sum over its chunks, then the gradient chunk by chunk.
+        # One row of logits per program. A row that fits one CHUNK is held in registers: read
+        # once, written once. A longer row takes two passes: a running max and sum over its
+        # chunks, then the gradient chunk by chunk.
         row = tl.program_id(0).to(tl.int64)
         target = tl.load(targets_ptr + row)
-        valid = target >= 0  # target -1: ignored, loss 0 and no gradient
+        valid = (target >= 0) & (target < V)
+        # -1 is ignored: loss 0, no gradient. Any other target outside the vocabulary is a NaN
+        # loss (the run's loss check stops it) where the plain version raises.
+        bad = tl.where(target == -1, 0.0, float("nan"))
         # the target's logit, read before any gradient is written over it
-        target_logit = tl.load(logits_ptr + row * V + tl.maximum(target, 0)).to(tl.float32)
-        target_z = cap * (2.0 / (1.0 + tl.exp(-2.0 / cap * target_logit)) - 1.0)
+        target_z = cap * _tanh(tl.load(logits_ptr + row * V + tl.where(valid, target, 0)).to(tl.float32) / cap)
         cols = tl.arange(0, CHUNK)
         if CHUNK >= V:
             at = logits_ptr + row * V + cols
-            logits = tl.load(at, mask=cols < V, other=0.0).to(tl.float32)
-            t = 2.0 / (1.0 + tl.exp(-2.0 / cap * logits)) - 1.0
+            t = _tanh(tl.load(at, mask=cols < V, other=0.0).to(tl.float32) / cap)
             z = tl.where(cols < V, cap * t, float("-inf"))
             m = tl.max(z, axis=0)
             e = tl.exp(z - m)
@@ -412,8 +429,8 @@ def _triton_kernels():
             m = tl.max(tl.full((CHUNK,), float("-inf"), tl.float32), axis=0)
             total = tl.sum(tl.zeros((CHUNK,), tl.float32), axis=0)
             for start in range(0, V, CHUNK):
-                logits = tl.load(logits_ptr + row * V + start + cols, mask=start + cols < V, other=0.0).to(tl.float32)
-                z = tl.where(start + cols < V, cap * (2.0 / (1.0 + tl.exp(-2.0 / cap * logits)) - 1.0), float("-inf"))
+                logits = tl.load(logits_ptr + row * V + start + cols, mask=start + cols < V, other=0.0)
+                z = tl.where(start + cols < V, cap * _tanh(logits.to(tl.float32) / cap), float("-inf"))
                 m_new = tl.maximum(m, tl.max(z, axis=0))
                 total = total * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
                 m = m_new
@@ -421,11 +438,10 @@ def _triton_kernels():
             if WITH_GRAD:
                 for start in range(0, V, CHUNK):
                     at = logits_ptr + row * V + start + cols
-                    logits = tl.load(at, mask=start + cols < V, other=0.0).to(tl.float32)
-                    t = 2.0 / (1.0 + tl.exp(-2.0 / cap * logits)) - 1.0
+                    t = _tanh(tl.load(at, mask=start + cols < V, other=0.0).to(tl.float32) / cap)
                     grad = (tl.exp(cap * t - lse) - tl.where(start + cols == target, 1.0, 0.0)) * (1.0 - t * t)
                     tl.store(at, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=start + cols < V)
-        tl.store(losses_ptr + row, tl.where(valid, lse - target_z, 0.0))
+        tl.store(losses_ptr + row, tl.where(valid, lse - target_z, bad))
 
     _kernels.update(rotary_norm_fwd=rotary_norm_fwd, rotary_norm_bwd=rotary_norm_bwd, softcapped_ce=softcapped_ce)
     return _kernels
@@ -516,11 +532,11 @@ def rotary_norm(x, cos, sin):
     anyway), so the input need not be kept. Same shapes and dtype as the plain version.
     """
     B, T, H, D = x.shape
-    if not _use_kernels(x) or D % 2 or cos.requires_grad or sin.requires_grad:
-        return rotary_norm_plain(x, cos, sin)
+    if (not _use_kernels(x) or D % 2 or cos.requires_grad or sin.requires_grad or cos.device != x.device
+            or sin.device != x.device or cos.dtype != x.dtype or sin.dtype != x.dtype):
+        return rotary_norm_plain(x, cos, sin)  # what the kernel does not cover: the definition, as written
     assert cos.shape == sin.shape == (1, T, 1, D // 2), f"rotary tables {tuple(cos.shape)}: want (1, {T}, 1, {D // 2})"
-    dtype = x.dtype
-    return _rotary_norm_op(x.contiguous(), cos.reshape(T, D // 2).to(dtype), sin.reshape(T, D // 2).to(dtype))[0]
+    return _rotary_norm_op(x.contiguous(), cos.reshape(T, D // 2).contiguous(), sin.reshape(T, D // 2).contiguous())[0]
 
 # --- softcapped_cross_entropy ---------------------------------------------------
 
@@ -594,12 +610,14 @@ def softcapped_cross_entropy(x, weight, targets, cap):
     token's loss over it (the backward only scales rows), and the backward never holds
     the logits and their gradient at once. Same result, float32 (B*T,).
     """
-    if not _use_kernels(x):
+    if not _use_kernels(x) or targets.device != x.device or weight.device != x.device:
         return softcapped_cross_entropy_plain(x, weight, targets, cap)
     dtype = _compute_dtype(x)
     with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     x = x.reshape(-1, x.size(-1)).to(dtype)
-    return _softcapped_ce_op(x, weight.to(dtype), targets.reshape(-1), float(cap), with_grad)[0]
+    targets = targets.reshape(-1).contiguous()
+    assert targets.numel() == x.size(0), f"{targets.numel()} targets for {x.size(0)} positions"
+    return _softcapped_ce_op(x, weight.to(dtype), targets, float(cap), with_grad)[0]
 
 
 

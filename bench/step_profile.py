@@ -103,7 +103,8 @@ def main():
     print("attention:", runtime.select_attention(device))
     config = train.model_config(8192)
     model, optimizer = train.build_model(config, device)  # seed 42, as a run
-    runtime.prepare_attention(config.sequence_len, model.window_sizes, device)  # flex block masks, before compile
+    runtime.prepare_attention(config.sequence_len, model.window_sizes, device, config.n_head, config.n_kv_head,
+                              config.n_embd // config.n_head)  # flex block masks or the FA4 probe, before compile
     print(f"model + optimizer built: {time.time() - T_START:.1f} s since start", flush=True)
     if args.compile == "losses":
         model.losses = torch.compile(model.losses, dynamic=False)  # as main(): one graph for training and eval

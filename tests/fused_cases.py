@@ -23,12 +23,41 @@ def _max_diff(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def rotary_case(device, dtype, B, T, H, D, seed=0):
-    """rotary_norm against rotary_norm_plain on one (B, T, H, D) input, forward and backward."""
+class KernelLaunches:
+    """Counts the fused kernels' launches (so a test knows the kernels, not the plain
+    version, produced what it checks), restoring them on exit."""
+
+    def __enter__(self):
+        self.kernels = runtime._triton_kernels()
+        self.saved = dict(self.kernels)
+        self.counts = dict.fromkeys(self.saved, 0)
+        for name, kernel in self.saved.items():
+            self.kernels[name] = self._counted(name, kernel)
+        return self
+
+    def _counted(self, name, kernel):
+        launches = self
+
+        class Counted:
+            def __getitem__(self, grid):
+                launches.counts[name] += 1
+                return kernel[grid]
+        return Counted()
+
+    def __exit__(self, *exc):
+        self.kernels.update(self.saved)
+
+
+def rotary_case(device, dtype, B, T, H, D, scale=1.0, strided_tables=False, table_dtype=None, seed=0):
+    """rotary_norm against rotary_norm_plain on one (B, T, H, D) input, forward and backward.
+    `scale` 1e-4 makes rows whose mean square is near RMSNorm's eps; `strided_tables` passes
+    cos and sin as views into a wider table; `table_dtype` other than x's must fall back."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, T, H, D, generator=g).to(device, dtype)
-    angles = torch.randn(T, D // 2, generator=g)
-    cos, sin = (a.to(device, dtype)[None, :, None, :] for a in (angles.cos(), angles.sin()))
+    x = (torch.randn(B, T, H, D, generator=g) * scale).to(device, dtype)
+    angles = torch.randn(T, D, generator=g) if strided_tables else torch.randn(T, D // 2, generator=g)
+    cos, sin = (a.to(device, table_dtype or dtype)[None, :, None, :] for a in (angles.cos(), angles.sin()))
+    if strided_tables:
+        cos, sin = cos[..., : D // 2], sin[..., : D // 2]  # (1, T, 1, D/2) with rows D apart
     upstream = torch.randn(B, T, H, D, generator=g).to(device, dtype)
     results = []
     for f in (runtime.rotary_norm, runtime.rotary_norm_plain):
@@ -38,19 +67,33 @@ def rotary_case(device, dtype, B, T, H, D, seed=0):
         results.append((y, xi.grad, type(y.grad_fn).__name__))
     (y, dx, node), (y0, dx0, _) = results
     return dict(fused="autoresearch_rotary_norm" in node, dtype_same=y.dtype == y0.dtype,
-                forward=_max_diff(y, y0), backward=_max_diff(dx, dx0), scale=dx0.abs().max().item())
+                forward=_max_diff(y, y0), backward=_max_diff(dx, dx0), scale=dx0.abs().max().item(),
+                forward_scale=y0.abs().max().item())
 
 
-def cross_entropy_case(device, dtype, N, C, V, cap, ignored=(), per_token_grad=True, chunk=None, seed=0):
+def cross_entropy_case(device, dtype, N, C, V, cap, ignored=(), per_token_grad=True, chunk=None, seed=0,
+                       out_of_vocabulary=None):
     """softcapped_cross_entropy against the plain version: losses, and the gradients of
     sum(losses · u) for random per-token weights u (or of the mean, as training uses it).
     `chunk` below V takes the kernel's two-pass path, as a vocabulary above CE_CHUNK would."""
     saved_chunk = runtime.CE_CHUNK
     runtime.CE_CHUNK = chunk or saved_chunk
     try:
+        if out_of_vocabulary is not None:
+            return _out_of_vocabulary_case(device, dtype, N, C, V, cap, out_of_vocabulary)
         return _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, seed)
     finally:
         runtime.CE_CHUNK = saved_chunk
+
+
+def _out_of_vocabulary_case(device, dtype, N, C, V, cap, target):
+    """A target that is neither -1 nor in the vocabulary: the plain version raises; the
+    kernel (which cannot raise) must make that token's loss NaN, which stops a run."""
+    x, weight = torch.randn(1, N, C).to(device, dtype), torch.randn(V, C).to(device, dtype)
+    targets = torch.randint(0, V, (1, N)).to(device)
+    targets[0, 0] = target
+    losses = runtime.softcapped_cross_entropy(x, weight, targets, cap)
+    return dict(fused=True, first_is_nan=bool(losses[0].isnan()), others_finite=bool(losses[1:].isfinite().all()))
 
 
 def _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, seed):
@@ -83,6 +126,8 @@ CASES = [
     ("rotary_fp32_rows_not_a_multiple", rotary_case, dict(dtype=torch.float32, B=1, T=7, H=5, D=16)),
     ("rotary_fp32_half_not_a_power_of_2", rotary_case, dict(dtype=torch.float32, B=2, T=3, H=2, D=12)),
     ("rotary_bf16", rotary_case, dict(dtype=torch.bfloat16, B=2, T=9, H=2, D=32)),
+    ("rotary_fp32_rows_near_eps", rotary_case, dict(dtype=torch.float32, B=1, T=4, H=2, D=8, scale=1e-4)),
+    ("rotary_fp32_strided_tables", rotary_case, dict(dtype=torch.float32, B=1, T=5, H=2, D=8, strided_tables=True)),
     ("ce_fp32_ignored", cross_entropy_case, dict(dtype=torch.float32, N=9, C=16, V=50, cap=15.0, ignored=(3, 11))),
     ("ce_fp32_small_cap", cross_entropy_case, dict(dtype=torch.float32, N=8, C=8, V=64, cap=2.0)),
     ("ce_fp32_mean", cross_entropy_case, dict(dtype=torch.float32, N=6, C=8, V=33, cap=15.0, ignored=(0,),
@@ -91,6 +136,11 @@ CASES = [
                                                   chunk=32)),
     ("ce_bf16_two_pass_small_cap", cross_entropy_case, dict(dtype=torch.bfloat16, N=5, C=16, V=70, cap=3.0,
                                                             chunk=16)),
+    ("ce_fp32_large_cap", cross_entropy_case, dict(dtype=torch.float32, N=8, C=8, V=40, cap=1e6)),
+    ("ce_fp32_out_of_vocabulary", cross_entropy_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
+                                                           out_of_vocabulary=40)),
+    ("ce_fp32_negative_target", cross_entropy_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
+                                                         out_of_vocabulary=-100)),
     ("ce_bf16", cross_entropy_case, dict(dtype=torch.bfloat16, N=8, C=32, V=100, cap=15.0, ignored=(5,))),
 ]
 
@@ -115,13 +165,19 @@ def compiled_whole(device):
         h = runtime.rotary_norm(x, cos, sin).reshape(B, T, H * D)
         return runtime.softcapped_cross_entropy(h, weight, targets, 15.0).mean()
 
+    def plain(x, weight):
+        h = runtime.rotary_norm_plain(x, cos, sin).reshape(B, T, H * D)
+        return runtime.softcapped_cross_entropy_plain(h, weight, targets, 15.0).mean()
+
     results = []
-    for f in (torch.compile(loss, backend="aot_eager", fullgraph=True), loss):
-        value = f(x, weight)
-        dx, dw = torch.autograd.grad(value, (x, weight))
-        results.append((value, dx, dw))
-    (v, dx, dw), (v0, dx0, dw0) = results
-    return dict(loss=_max_diff(v, v0), dx=_max_diff(dx, dx0), dw=_max_diff(dw, dw0))
+    for f in (torch.compile(loss, backend="aot_eager", fullgraph=True), plain):
+        with KernelLaunches() as launches:
+            value = f(x, weight)
+            dx, dw = torch.autograd.grad(value, (x, weight))
+        results.append((value, dx, dw, launches.counts))
+    (v, dx, dw, launches), (v0, dx0, dw0, launches0) = results
+    return dict(loss=_max_diff(v, v0), dx=_max_diff(dx, dx0), dw=_max_diff(dw, dw0), launches=launches,
+                launches_plain=sum(launches0.values()))
 
 
 if __name__ == "__main__":

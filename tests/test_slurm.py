@@ -32,7 +32,9 @@ printf '%s\n' "${AUTORESEARCH_RUN-unset}" > "$out/$w.run"
 printf '%s\n' "${CUDA_VISIBLE_DEVICES-unset}" > "$out/$w.cuda"
 case "$mode" in
     job)
-        $AUTORESEARCH_RUN bash -c 'printf "%s\n" "${SLURM_JOB_ID-}" "${SLURM_JOB_NAME-}" "$PWD"' > "$out/$w.tmp" 2>&1
+        # srun's own notes ("job 3 queued and waiting for resources") go to stderr, kept apart
+        $AUTORESEARCH_RUN bash -c 'printf "%s\n" "${SLURM_JOB_ID-}" "${SLURM_JOB_NAME-}" "$PWD"' > "$out/$w.tmp" \
+            2> "$out/$w.stderr"
         mv "$out/$w.tmp" "$out/$w.job"
         ;;
     smoke)
@@ -102,7 +104,9 @@ def test_each_run_is_a_slurm_job(slurm_box, cluster):
     for w in (0, 12):
         report = sb.out / f"gpu{w}.job"
         wait_for(report.exists, 30, f"worker {w}'s run never came back\n{cluster.log_tail()}")
-        job_id, job_name, cwd = report.read_text().splitlines()
+        lines = report.read_text().splitlines()
+        assert len(lines) == 3, f"worker {w}: {lines} (stderr: {(sb.out / f'gpu{w}.stderr').read_text()!r})"
+        job_id, job_name, cwd = lines
         assert job_id.isdigit(), report.read_text()
         assert job_name == f"autoresearch-s1-{w}"
         assert Path(cwd).resolve() == (sb.repo / "worktrees" / f"gpu{w}").resolve()
