@@ -6,13 +6,15 @@ only, and prepare.py records this file's fingerprint so an edit is caught before
 training (see `prepare.verify_data`). It reads top to bottom:
 
     attention kernels  -> one decision (FA4 / FA3 / FlexAttention / sdpa), one function
+    fused kernels      -> rotary_norm, softcapped_cross_entropy: Triton, pinned to their plain versions
     GPU facts          -> the device, its bf16 peak for MFU
     guards             -> an edit that would be silently dropped stops the run
     fitting to memory  -> the micro-batch lowered until the first step fits
     run identity       -> the lines printed before training, the failure lines
 
 train.py makes one call per piece. It never imports train.py; nothing here is
-heavy at import: kernels load when `select_attention` runs.
+heavy at import: attention kernels load when `select_attention` runs, Triton's on
+first use.
 """
 
 import contextlib
