@@ -137,6 +137,7 @@ CASES = [
     ("ce_bf16_two_pass_small_cap", cross_entropy_case, dict(dtype=torch.bfloat16, N=5, C=16, V=70, cap=3.0,
                                                             chunk=16)),
     ("ce_fp32_large_cap", cross_entropy_case, dict(dtype=torch.float32, N=8, C=8, V=40, cap=1e6)),
+    ("ce_fp32_cap_3000", cross_entropy_case, dict(dtype=torch.float32, N=8, C=8, V=40, cap=3e3)),
     ("ce_fp32_out_of_vocabulary", cross_entropy_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
                                                            out_of_vocabulary=40)),
     ("ce_fp32_negative_target", cross_entropy_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
