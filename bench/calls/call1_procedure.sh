@@ -16,7 +16,7 @@
 set -euo pipefail
 source bench/calls/lib.sh
 
-cp .fa4a/part.00 /tmp/ && log "fa4 half 1 parked in /tmp"
+fa4_park
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 wheels
 source bench/calls/setup.sh

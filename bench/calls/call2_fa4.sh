@@ -13,10 +13,7 @@
 set -euo pipefail
 source bench/calls/lib.sh
 
-[[ -f /tmp/part.00 ]] || { log "no /tmp/part.00: the machine was given back since call 1; run call 1 again"; exit 3; }
-rm -rf /tmp/fa4 && mkdir -p /tmp/fa4
-cat /tmp/part.00 .fa4b/part.01 | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/fa4')"
-log "fa4 unpacked in /tmp/fa4"
+fa4_unpack
 wheels
 fa4_path
 source bench/calls/setup.sh

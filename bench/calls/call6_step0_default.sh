@@ -9,14 +9,12 @@ set -euo pipefail
 source bench/calls/lib.sh
 
 if [[ ${1:-} == setup ]]; then
-    cp .fa4a/part.00 /tmp/ && log "fa4 half 1 parked in /tmp"
+    fa4_park
     wheels
     source bench/calls/setup.sh
     exit 0
 fi
-[[ -f /tmp/part.00 ]] || { log "no /tmp/part.00: run the setup call first"; exit 3; }
-rm -rf /tmp/fa4 && mkdir -p /tmp/fa4
-cat /tmp/part.00 .fa4b/part.01 | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/fa4')"
+fa4_unpack
 wheels
 fa4_path
 export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=$W/fa4cache

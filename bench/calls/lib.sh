@@ -19,7 +19,20 @@ wheels() {
     export PYTHONPATH="$W/site${PYTHONPATH:+:$PYTHONPATH}"
 }
 
-# fa4_path: flash-attn-4 and the CuTe DSL as call 2 unpacks them into /tmp/fa4
+# fa4_park: FA4's first half (carried as .fa4a) into /tmp, for the next call on this machine
+fa4_park() { cp .fa4a/part.00 /tmp/ && log "fa4 half 1 parked in /tmp"; }
+
+# fa4_unpack: FA4 rebuilt in /tmp/fa4 from the parked half and the one carried now (.fa4b),
+# or exit 3 when this machine has no parked half (it was given back: park it again)
+fa4_unpack() {
+    [[ -f /tmp/part.00 ]] || { log "no /tmp/part.00: the machine was given back; run the call that parks it again"; exit 3; }
+    rm -rf /tmp/fa4 && mkdir -p /tmp/fa4
+    cat /tmp/part.00 .fa4b/part.01 \
+        | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/fa4')"
+    log "fa4 unpacked in /tmp/fa4"
+}
+
+# fa4_path: flash-attn-4 and the CuTe DSL as fa4_unpack leaves them in /tmp/fa4
 fa4_path() { export PYTHONPATH="/tmp/fa4:/tmp/fa4/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}"; }
 
 # rundir NAME SRC BUDGET: a copy of SRC's python files with TIME_BUDGET set; prints its path
