@@ -71,29 +71,16 @@ def rotary_case(device, dtype, B, T, H, D, scale=1.0, strided_tables=False, tabl
                 forward_scale=y0.abs().max().item())
 
 
-def cross_entropy_case(device, dtype, N, C, V, cap, ignored=(), per_token_grad=True, chunk=None, seed=0,
-                       out_of_vocabulary=None):
+def cross_entropy_case(device, dtype, N, C, V, cap, ignored=(), per_token_grad=True, chunk=None, seed=0):
     """softcapped_cross_entropy against the plain version: losses, and the gradients of
     sum(losses · u) for random per-token weights u (or of the mean, as training uses it).
     `chunk` below V takes the kernel's two-pass path, as a vocabulary above CE_CHUNK would."""
     saved_chunk = runtime.CE_CHUNK
     runtime.CE_CHUNK = chunk or saved_chunk
     try:
-        if out_of_vocabulary is not None:
-            return _out_of_vocabulary_case(device, dtype, N, C, V, cap, out_of_vocabulary)
         return _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, seed)
     finally:
         runtime.CE_CHUNK = saved_chunk
-
-
-def _out_of_vocabulary_case(device, dtype, N, C, V, cap, target):
-    """A target that is neither -1 nor in the vocabulary: the plain version raises; the
-    kernel (which cannot raise) must make that token's loss NaN, which stops a run."""
-    x, weight = torch.randn(1, N, C).to(device, dtype), torch.randn(V, C).to(device, dtype)
-    targets = torch.randint(0, V, (1, N)).to(device)
-    targets[0, 0] = target
-    losses = runtime.softcapped_cross_entropy(x, weight, targets, cap)
-    return dict(fused=True, first_is_nan=bool(losses[0].isnan()), others_finite=bool(losses[1:].isfinite().all()))
 
 
 def _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, seed):
@@ -120,6 +107,19 @@ def _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, se
                 dx=_max_diff(dx, dx0), dw=_max_diff(dw, dw0), scale=max(dx0.abs().max().item(), dw0.abs().max().item()))
 
 
+def out_of_vocabulary_case(device, dtype, N, C, V, cap, target, seed=0):
+    """A target that is neither -1 nor in the vocabulary: the plain version raises; the
+    kernel (which cannot raise) must make that token's loss NaN, which stops a run."""
+    g = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(1, N, C, generator=g).to(device, dtype), torch.randn(V, C, generator=g).to(device, dtype)
+    targets = torch.randint(0, V, (1, N), generator=g).to(device)
+    targets[0, 0] = target
+    with KernelLaunches() as launches:
+        losses = runtime.softcapped_cross_entropy(x, weight, targets, cap)
+    return dict(fused=launches.counts["softcapped_ce"] == 1, first_is_nan=bool(losses[0].isnan()),
+                others_finite=bool(losses[1:].isfinite().all()))
+
+
 # (name, function, kwargs): small shapes with the awkward edges the kernels must handle
 CASES = [
     ("rotary_fp32", rotary_case, dict(dtype=torch.float32, B=2, T=5, H=3, D=8)),
@@ -138,10 +138,10 @@ CASES = [
                                                             chunk=16)),
     ("ce_fp32_large_cap", cross_entropy_case, dict(dtype=torch.float32, N=8, C=8, V=40, cap=1e6)),
     ("ce_fp32_cap_3000", cross_entropy_case, dict(dtype=torch.float32, N=8, C=8, V=40, cap=3e3)),
-    ("ce_fp32_out_of_vocabulary", cross_entropy_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
-                                                           out_of_vocabulary=40)),
-    ("ce_fp32_negative_target", cross_entropy_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
-                                                         out_of_vocabulary=-100)),
+    ("ce_fp32_out_of_vocabulary", out_of_vocabulary_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
+                                                               target=40)),
+    ("ce_fp32_negative_target", out_of_vocabulary_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
+                                                             target=-100)),
     ("ce_bf16", cross_entropy_case, dict(dtype=torch.bfloat16, N=8, C=32, V=100, cap=15.0, ignored=(5,))),
 ]
 
