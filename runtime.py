@@ -204,7 +204,7 @@ def _fa4_op():
     return fa4_attention
 
 
-def prepare_attention(seq_len, window_sizes, device, heads=1, kv_heads=1, head_dim=128):
+def prepare_attention(seq_len, window_sizes, device, heads, kv_heads, head_dim):
     """Before torch.compile sees the model: FlexAttention's block masks, or for FA4 one
     forward and backward at the run's shapes (a single row). FA4 is chosen without running
     a kernel; one that fails to build here (a GPU or head size its kernels do not cover)
