@@ -26,7 +26,7 @@ EVAL_TOKENS = 40 * 524288   # validation tokens behind val_bpb (20,971,520)
 UNTIMED_STEPS = 11          # steps 0..10 compile and warm up: not counted in the budget
 
 # =============================================================================
-# Smoke switch (for preflight checks only; numbers are not comparable)
+# Smoke switch (for people and tests without a GPU; its numbers are not comparable)
 # =============================================================================
 
 SMOKE_TRUE, SMOKE_FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")

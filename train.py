@@ -5,8 +5,9 @@ This is the one file the research agent edits. It reads top to bottom:
 model -> optimizer -> hyperparameters -> schedules -> the run (setup, training
 loop, evaluation, summary). The rules of the game come from `constants.py`;
 data, tokenizer and the metric from `prepare.py`; the machinery an experiment
-does not research (attention kernels, GPU facts, fitting to memory, guards,
-the run's identity) from `runtime.py`. Those three are fixed: do not edit them.
+does not research (attention backends, fused kernels, GPU facts and fitting to
+memory, guards, the run's identity) from the `autoresearch/` package. Those are
+fixed: do not edit them.
 
     uv run train.py                         # one experiment: TIME_BUDGET s of training, then eval
     AUTORESEARCH_SMOKE=1 uv run train.py    # a tiny model on any machine (CPU included), ~1 min
@@ -24,14 +25,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import runtime  # also sets the CUDA allocator's options, before the run touches the GPU
-from constants import EVAL_TOKENS, MAX_SEQ_LEN, SMOKE, TIME_BUDGET, UNTIMED_STEPS
+from autoresearch import gpu, guards, kernels, report  # gpu first: it sets the CUDA allocator's options
+from autoresearch.attention import prepare_attention, select_attention
+from constants import MAX_SEQ_LEN, SMOKE, TIME_BUDGET, UNTIMED_STEPS
 from prepare import Tokenizer, check_evaluation, evaluate_bpb, make_dataloader, verify_data
-# the model's pieces that run as fused kernels on CUDA; each is replaceable here (their plain
-# PyTorch definitions, `rotary_norm_plain` and `softcapped_cross_entropy_plain`, are in runtime.py)
-from runtime import attention  # causal sliding-window attention
-from runtime import rotary_norm  # rotary embedding, then RMSNorm per head (QK-norm)
-from runtime import softcapped_cross_entropy, softcapped_logits  # lm_head, cap·tanh(logits/cap), cross-entropy
+# the model's pieces, each replaceable here; on CUDA rotary_norm and softcapped_cross_entropy run as fused
+# kernels, whose plain PyTorch definitions open autoresearch/kernels.py (read those lines, not the kernels)
+from autoresearch.attention import attention  # causal sliding-window attention
+from autoresearch.kernels import rotary_norm  # rotary embedding, then RMSNorm per head (QK-norm)
+from autoresearch.kernels import softcapped_cross_entropy, softcapped_logits  # lm_head, cap·tanh(logits/cap), CE
 
 # =============================================================================
 # Model
@@ -224,7 +226,7 @@ class GPT(nn.Module):
         for shape in sorted({p.shape for p in matrices}):
             groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
                                momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
-        runtime.check_param_groups(self, groups)  # every trainable parameter in exactly one group, or one FAIL line
+        guards.check_param_groups(self, groups)  # every trainable parameter in exactly one group, or one FAIL line
         optimizer = MuonAdamW(groups)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
@@ -251,7 +253,8 @@ class GPT(nn.Module):
     def trunk(self, idx):
         """Embedding and blocks: the final hidden state (B, T, C), before the last norm."""
         B, T = idx.shape
-        assert T <= self.rotary_seq_len, f"sequence of {T} tokens is longer than the rotary tables ({self.rotary_seq_len})"
+        assert T <= self.rotary_seq_len, (f"sequence of {T} tokens is longer than the rotary tables "
+                                          f"({self.rotary_seq_len})")
         cos_sin = self.cos[:, :T], self.sin[:, :T]
         x = norm(self.transformer.wte(idx))  # (B, T, C)
         x0 = x
@@ -434,7 +437,7 @@ DEPTH = 8                       # transformer layers
 
 # Optimization
 TOTAL_BATCH_SIZE = 2**19        # tokens per optimizer step (524,288)
-DEVICE_BATCH_SIZE = 128         # rows per forward/backward, at most (lowered to fit the GPU); accumulation does the rest
+DEVICE_BATCH_SIZE = 128         # rows per forward/backward at most (lowered to fit the GPU); accumulation does the rest
 EMBEDDING_LR = 0.6              # AdamW, token and value embeddings (width-scaled)
 UNEMBEDDING_LR = 0.004          # AdamW, lm_head (width-scaled)
 MATRIX_LR = 0.04                # Muon, every matrix inside the blocks
@@ -448,14 +451,16 @@ FINAL_LR_FRAC = 0.0             # LR multiplier at the very end
 # -----------------------------------------------------------------------------
 # Smoke run (AUTORESEARCH_SMOKE=1): a tiny model for a fixed number of steps, so the
 # whole pipeline runs on a CPU in a minute and gives the same numbers on any machine.
-# constants.py shrinks MAX_SEQ_LEN and EVAL_TOKENS. It replaces the settings below (and
-# says so): it tests the pipeline, not your edit, and its numbers are not comparable.
+# constants.py shrinks MAX_SEQ_LEN and EVAL_TOKENS; the block below replaces a few settings
+# (and says so): it tests the pipeline, not your edit, and its numbers are not comparable.
 # -----------------------------------------------------------------------------
 SMOKE_STEPS = 20
-SMOKE_SETTINGS = dict(DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=32, DEVICE_BATCH_SIZE=4, TOTAL_BATCH_SIZE=4 * MAX_SEQ_LEN)
 if SMOKE:
-    SMOKE_LINE = runtime.smoke_line(globals(), SMOKE_SETTINGS, SMOKE_STEPS)  # what it replaced, for the log
-    globals().update(SMOKE_SETTINGS)
+    REPLACED = dict(DEPTH=DEPTH, ASPECT_RATIO=ASPECT_RATIO, HEAD_DIM=HEAD_DIM, DEVICE_BATCH_SIZE=DEVICE_BATCH_SIZE,
+                    TOTAL_BATCH_SIZE=TOTAL_BATCH_SIZE)  # the settings the next two lines replace
+    DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 32
+    DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 4, 4 * MAX_SEQ_LEN
+    SMOKE_LINE = report.smoke_line(REPLACED, globals(), SMOKE_STEPS)  # "DEPTH 8 -> 2, ...", for the log
 
 
 def model_config(vocab_size):
@@ -529,7 +534,7 @@ def train_step(model, optimizer, batches, grad_accum_steps, step, progress, auto
 
 def main():
     t_start = time.time()
-    device = runtime.pick_device(SMOKE)  # CUDA; a CPU only in a smoke run
+    device = gpu.pick_device(SMOKE)  # CUDA; a CPU only in a smoke run
     use_cuda = device.type == "cuda"
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
     autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
@@ -542,20 +547,17 @@ def main():
     tokenizer = Tokenizer.from_directory()
     config = model_config(tokenizer.get_vocab_size())
     rows_per_step = TOTAL_BATCH_SIZE // MAX_SEQ_LEN
-    if DEVICE_BATCH_SIZE < 1 or TOTAL_BATCH_SIZE % (DEVICE_BATCH_SIZE * MAX_SEQ_LEN):
-        raise runtime.RunError(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of "
-                               f"DEVICE_BATCH_SIZE * MAX_SEQ_LEN ({DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN})")
-    gpu_name, peak_flops, peak_note = runtime.describe_device(device)
+    guards.check_batch_size(TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE, MAX_SEQ_LEN)  # whole micro-batches, or FAIL
+    gpu_name, peak_flops, peak_note = gpu.describe_device(device)
     with torch.device("meta"):
         shape = GPT(config)  # sizes only, nothing allocated
     num_params, flops_per_token = shape.param_counts()["total"], shape.estimate_flops()
-    runtime.print_identity([
-        ("attention", runtime.select_attention(device)),
-        ("fused", runtime.fused_line(device)),
+    report.print_identity([
+        ("attention", select_attention(device)),
+        ("fused", kernels.fused_line(device)),
         ("device", f"{gpu_name} ({peak_note})"),
-        ("data", runtime.fingerprint_line(fingerprints)),
-        ("constants", f"MAX_SEQ_LEN={MAX_SEQ_LEN} TIME_BUDGET={TIME_BUDGET} EVAL_TOKENS={EVAL_TOKENS:,}"
-                      + (" (smoke)" if SMOKE else "")),
+        ("data", report.fingerprint_line(fingerprints)),
+        ("constants", report.constants_line()),
         *([("smoke", SMOKE_LINE)] if SMOKE else []),
         ("model", f"DEPTH={DEPTH} width={config.n_embd} heads={config.n_head}x{config.n_embd // config.n_head} "
                   f"windows={[w for w, _ in shape.window_sizes]} vocab={config.vocab_size:,} "
@@ -567,30 +569,27 @@ def main():
         and it runs the evaluation's path, so a crash there shows now, not after the budget."""
         t0 = time.time()
         model, optimizer = build_model(config, device)
-        runtime.prepare_attention(config.sequence_len, model.window_sizes, device, config.n_head, config.n_kv_head,
-                                  config.n_embd // config.n_head)
+        prepare_attention(config, model.window_sizes, device)  # flex block masks or the FA4 probe, before compile
         if use_cuda:
             # one compiled graph for the loss: training takes its mean, evaluation its per-token values
             model.losses = torch.compile(model.losses, dynamic=False)
         batches = make_dataloader(tokenizer, micro_batch, MAX_SEQ_LEN, "train", device=device)
-        gradients = runtime.track_gradients(model)
+        gradients = guards.track_gradients(model)
         loss, epoch = train_step(model, optimizer, batches, rows_per_step // micro_batch, 0, 0.0, autocast)
         gradients.check()  # a trainable parameter that got no gradient would silently never train
         with autocast:
-            check_evaluation(runtime.evaluation_model(model), tokenizer, micro_batch)
+            check_evaluation(gpu.evaluation_model(model), tokenizer, micro_batch)
         loss = loss.item()
         sync()
-        return model, optimizer, batches, loss, time.time() - t0
+        return gpu.FirstStep(model, optimizer, batches, loss, time.time() - t0)
 
-    t_fit = time.time()
-    (model, optimizer, batches, train_loss, step0_seconds), micro_batch, fit_note = runtime.fit_micro_batch(
-        first_step, DEVICE_BATCH_SIZE, rows_per_step)
-    fit_seconds = time.time() - t_fit - step0_seconds  # the attempts that did not fit
+    startup_seconds = time.time() - t_start
+    step0 = gpu.fit_micro_batch(first_step, DEVICE_BATCH_SIZE, rows_per_step)  # step 0, at a micro-batch that fits
+    model, optimizer, batches, micro_batch = step0.model, step0.optimizer, step0.batches, step0.micro_batch
     grad_accum_steps = rows_per_step // micro_batch
-    runtime.print_identity([("batch", f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE:,} = micro-batch {micro_batch} x "
-                                      f"MAX_SEQ_LEN={MAX_SEQ_LEN} x {grad_accum_steps} accumulation steps"
-                                      + (f" ({fit_note})" if fit_note else ""))])
-    runtime.check_loss(train_loss, 0)  # a diverged run (NaN or above 100) prints FAIL and exits 1
+    report.print_identity([("batch", report.batch_line(TOTAL_BATCH_SIZE, micro_batch, grad_accum_steps,
+                                                         step0.fit_note))])
+    guards.check_loss(step0.loss, 0)  # a diverged run (NaN or above 100) prints FAIL and exits 1
 
     # Python's GC walks every live object: a pass costs ~0.5 s mid-run. After step 0
     # everything long-lived exists; freeze it and collect by hand, rarely.
@@ -601,7 +600,7 @@ def main():
     # -------------------------------------------------------------------------
     # Training loop: steps 1, 2, ... until TIME_BUDGET seconds of timed steps
     # -------------------------------------------------------------------------
-    training_seconds, warmup_seconds, timed_steps, smooth_loss = 0.0, step0_seconds, 0, 0.1 * train_loss
+    training_seconds, warmup_seconds, timed_steps, smooth_loss = 0.0, step0.seconds, 0, 0.1 * step0.loss
     step = 1
     while step <= UNTIMED_STEPS or training_progress(step, training_seconds) < 1.0:
         sync()
@@ -610,9 +609,9 @@ def main():
         train_loss, epoch = train_step(model, optimizer, batches, grad_accum_steps, step, progress, autocast)
         if step == UNTIMED_STEPS - 1:  # again, now that the model has learned a little: a leak of future tokens shows
             with autocast:
-                check_evaluation(runtime.evaluation_model(model), tokenizer, micro_batch)
+                check_evaluation(gpu.evaluation_model(model), tokenizer, micro_batch)
         train_loss = train_loss.item()  # waits for the step
-        runtime.check_loss(train_loss, step)
+        guards.check_loss(train_loss, step)
         dt = time.time() - t0
         if step >= UNTIMED_STEPS:
             training_seconds += dt
@@ -641,23 +640,20 @@ def main():
     optimizer.zero_grad(set_to_none=True)
     t_eval = time.time()
     with autocast:
-        val_bpb = evaluate_bpb(runtime.evaluation_model(model), tokenizer, micro_batch)
+        val_bpb = evaluate_bpb(gpu.evaluation_model(model), tokenizer, micro_batch)
     t_end = time.time()
-    print(f"overhead:    startup {t_fit - t_start:.1f} s" + (f", fitting to memory {fit_seconds:.1f} s" if fit_note
-          else "") + f", warm-up steps {warmup_seconds:.1f} s (step 0 with the evaluation check: {step0_seconds:.1f} s)"
-          f", evaluation {t_end - t_eval:.1f} s")
-    if SMOKE:
-        print("smoke run (AUTORESEARCH_SMOKE=1): tiny model, fixed steps; these numbers are not comparable")
-    mfu_percent = 100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_seconds / peak_flops \
-        if peak_flops and training_seconds > 0 else 0.0
-    runtime.print_summary([  # the last thing printed: `key: value` lines after `---`, read by machines
+    report.print_overhead(startup=startup_seconds, fitting=step0.fit_seconds, warmup=warmup_seconds,
+                          step0=step0.seconds, evaluation=t_end - t_eval)
+    mfu_percent = (100 * flops_per_token * TOTAL_BATCH_SIZE * timed_steps / training_seconds / peak_flops
+                   if peak_flops and training_seconds > 0 else 0.0)
+    report.print_summary([  # the last thing printed: `key: value` lines after `---`, read by machines
         ("val_bpb", f"{val_bpb:.6f}"), ("training_seconds", f"{training_seconds:.1f}"),
-        ("total_seconds", f"{t_end - t_start:.1f}"), ("peak_vram_mb", f"{runtime.peak_memory_mib():.1f}"),
+        ("total_seconds", f"{t_end - t_start:.1f}"), ("peak_vram_mb", f"{gpu.peak_memory_mib():.1f}"),
         ("mfu_percent", f"{mfu_percent:.2f}"), ("total_tokens_M", f"{step * TOTAL_BATCH_SIZE / 1e6:.1f}"),
         ("num_steps", step), ("num_params_M", f"{num_params / 1e6:.1f}"), ("depth", DEPTH),
     ])
 
 
 if __name__ == "__main__":
-    with runtime.out_of_memory_exit():  # one FAIL line naming what to lower, not a traceback
+    with gpu.out_of_memory_exit():  # one FAIL line naming what to lower, not a traceback
         main()

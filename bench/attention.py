@@ -5,14 +5,14 @@ Attention kernels at train.py's shapes: compile time, forward+backward time, err
     python3 bench/attention.py --options '{"USE_TMA": true}'     # a FlexAttention variant (JSON kernel options)
     python3 bench/attention.py --options '{"BACKEND": "FLASH"}'  # FlexAttention through FA4's CuTe kernel
     python3 bench/attention.py --autotune                        # inductor's own search, its table logged
-    python3 bench/attention.py --backend fa4                     # FlashAttention-4 as runtime.py runs it
+    python3 bench/attention.py --backend fa4                     # FlashAttention-4 as train.py runs it
 
 Times the sliding-window attention of one micro-batch (B=128, T=2048, train.py's heads,
 bf16, in the model's (B, T, H, D) layout) for the short (T/2) and full windows, each as
 its own compiled function as in the model: the first call's time (compile, with a cold
 cache), then the median of timed forward+backward calls. The flex variants call
-flex_attention on the transposed views with runtime.py's block masks; the fa4 variant
-calls runtime.attention after runtime.select_attention(device, "fa4") (FA4's kernels as
+flex_attention on the transposed views with autoresearch/attention.py's block masks; the
+fa4 variant calls its attention() after select_attention(device, "fa4") (FA4's kernels as
 one custom op). Checks the output and gradients against exact masked attention (PyTorch
 SDPA in float32) on a few rows. Use fresh TORCHINDUCTOR_CACHE_DIR (and, for fa4,
 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR) for cold-cache compile times (bench/gpu.sh attention does).
@@ -31,20 +31,20 @@ import torch._inductor.config  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 
-import runtime  # noqa: E402
+from autoresearch import attention  # noqa: E402
 import train  # noqa: E402
 
 
 def masked_reference(q, k, v, left):
     """Exact sliding-window attention in float32: (B, T, H, D) in, (B, T, H, D) out."""
     q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-    mask = runtime.window_mask(q.size(2), left, q.device)
+    mask = attention.window_mask(q.size(2), left, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
 
 
 def flex_variant(T, left, device, options):
     """flex_attention as the compiled model runs it, with these kernel options."""
-    block_mask = runtime._flex_block_mask(T, left, device)
+    block_mask = attention._flex_block_mask(T, left, device)
 
     def fn(q, k, v):
         y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
@@ -55,14 +55,14 @@ def flex_variant(T, left, device, options):
 
 
 def fa4_variant(left):
-    """runtime.attention on the fa4 backend (set by select_attention), compiled as in the model."""
-    return torch.compile(lambda q, k, v: runtime.attention(q, k, v, (left, 0)), dynamic=False)
+    """attention.attention on the fa4 backend (set by select_attention), compiled as in the model."""
+    return torch.compile(lambda q, k, v: attention.attention(q, k, v, (left, 0)), dynamic=False)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["flex", "fa4"], default="flex",
-                        help="flex: FlexAttention with --options; fa4: runtime.py's FlashAttention-4 op")
+                        help="flex: FlexAttention with --options; fa4: autoresearch/attention.py's FlashAttention-4 op")
     parser.add_argument("--options", default="{}", help="FlexAttention kernel options (JSON); {}: PyTorch's defaults")
     parser.add_argument("--B", type=int, default=train.DEVICE_BATCH_SIZE)
     parser.add_argument("--iters", type=int, default=20)
@@ -90,7 +90,7 @@ def main():
         torch._inductor.config.max_autotune = True
     print(f"backend: {args.backend}" + (f", kernel options: {args.options}" if args.backend == "flex" else ""))
     device = torch.device("cuda")
-    print("attention:", runtime.select_attention(device, args.backend))  # fa4 unavailable: one line, exit 1
+    print("attention:", attention.select_attention(device, args.backend))  # fa4 unavailable: one line, exit 1
     config = train.model_config(8192)
     B, T = args.B, config.sequence_len
     H, D = config.n_head, config.n_embd // config.n_head

@@ -1,6 +1,6 @@
 """
 Loader benchmark: the fast loader (prepare.make_dataloader, reading the token
-cache) against the plain published algorithm (bench/reference.py, tokenizing
+cache) against the plain published algorithm (tests/reference.py, tokenizing
 on the fly, scanning the buffer), side by side on the same prepared data.
 
     uv run bench/loader.py                                    # B=16, T=2048, 10 s each
@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import prepare  # noqa: E402
-from bench.reference import reference_dataloader  # noqa: E402
+from autoresearch import paths, tokencache  # noqa: E402
+from tests.reference import reference_dataloader  # noqa: E402
 
 
 def on_device(loader, device):
@@ -61,10 +62,10 @@ def main():
 
     device = torch.device(args.device) if args.device else prepare._default_device()
     tokenizer = prepare.Tokenizer.from_directory()
-    cached = sum(prepare.load_token_cache(tokenizer, p) is not None for p in prepare.list_shards(args.split))
+    cached = sum(tokencache.load_token_cache(tokenizer, p) is not None for p in prepare.list_shards(args.split))
     print(f"loader benchmark: split {args.split}, B={args.B}, T={args.T}, device {device}, "
           f"{os.cpu_count()} CPU cores, {cached} of {len(prepare.list_shards(args.split))} shards in the "
-          f"token cache, cache {prepare.CACHE_DIR}", flush=True)
+          f"token cache, cache {paths.CACHE_DIR}", flush=True)
 
     def fast():
         return prepare.make_dataloader(tokenizer, args.B, args.T, args.split, device=device)

@@ -4,12 +4,12 @@ Where a training step's GPU time goes, and what compiling costs (CUDA only).
     python3 bench/step_profile.py
 
 Builds train.py's model and optimizer at the default hyperparameters as main() does
-(train.build_model, runtime.prepare_attention, model.losses compiled), feeds random
+(train.build_model, attention.prepare_attention, model.losses compiled), feeds random
 tokens (no data needed), and times what a run pays besides training: start-up, the
 model's compile (first forward+backward), the first optimizer step (eager), an
 evaluation-sized forward pass through the training graphs; then the steady step, and
 a profile of two steps listing the kernels that take the most GPU time. The attention
-backend is runtime.select_attention's choice (AUTORESEARCH_ATTENTION=fa4|fa3|flex
+backend is attention.select_attention's choice (AUTORESEARCH_ATTENTION=fa4|fa3|flex
 forces one). Use a fresh TORCHINDUCTOR_CACHE_DIR for cold-cache figures.
 """
 
@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402
 
-import runtime  # noqa: E402  (sets the CUDA allocator's options, as in a run, before the GPU starts)
+from autoresearch import gpu  # noqa: E402  (first: it sets the CUDA allocator's options, as in a run)
+from autoresearch import attention  # noqa: E402
 import train  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def window_as_tensor_masks():
             masks[key] = create_block_mask(sliding_window, None, None, T, T, device=device)
         return masks[key]
 
-    runtime._flex_block_mask = block_mask  # runtime.attention and prepare_attention look it up at each call
+    attention._flex_block_mask = block_mask  # attention.attention and prepare_attention look it up at each call
 
 
 def main():
@@ -59,7 +60,7 @@ def main():
                         help="losses: model.losses compiled (as train.py's main); whole: torch.compile(model), "
                              "the published way")
     parser.add_argument("--mask", choices=["constant", "tensor"], default="constant",
-                        help="flex window baked into the kernel (as runtime.py) or a captured tensor")
+                        help="flex window baked into the kernel (as autoresearch/attention.py) or a captured tensor")
     parser.add_argument("--no-grad-eval", action="store_true", help="also time evaluation under no_grad")
     parser.add_argument("--nested", action="store_true",
                         help="Block.forward as a torch.compiler.nested_compile_region (compiled once per block kind)")
@@ -98,13 +99,12 @@ def main():
     device = torch.device("cuda")
     torch.zeros(1, device=device)
     print(f"CUDA init: {time.time() - t0:.1f} s")
-    _, peak_flops, _ = runtime.describe_device(device)  # the H100 figure for a GPU the table lacks
+    _, peak_flops, _ = gpu.describe_device(device)  # the H100 figure for a GPU the table lacks
     torch.set_float32_matmul_precision("high")
-    print("attention:", runtime.select_attention(device))
+    print("attention:", attention.select_attention(device))
     config = train.model_config(8192)
     model, optimizer = train.build_model(config, device)  # seed 42, as a run
-    runtime.prepare_attention(config.sequence_len, model.window_sizes, device, config.n_head, config.n_kv_head,
-                              config.n_embd // config.n_head)  # flex block masks or the FA4 probe, before compile
+    attention.prepare_attention(config, model.window_sizes, device)  # flex block masks or the FA4 probe, before compile
     print(f"model + optimizer built: {time.time() - T_START:.1f} s since start", flush=True)
     if args.compile == "losses":
         model.losses = torch.compile(model.losses, dynamic=False)  # as main(): one graph for training and eval
@@ -164,7 +164,7 @@ def main():
     print(f"peak memory, training steps: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", flush=True)
 
     # one evaluation-sized forward pass: 80 batches of B x T, per-token losses
-    variants = [("training graphs", runtime.evaluation_model(model))] if args.compile == "losses" else []
+    variants = [("training graphs", gpu.evaluation_model(model))] if args.compile == "losses" else []
     if args.no_grad_eval or args.compile == "whole":
         variants += [("no_grad (compiles inference graphs)", run), ("no_grad, again", run)]
     for label, evaluator in variants:

@@ -1,5 +1,5 @@
 """
-The cases that pin runtime.py's fused kernels to their plain PyTorch definitions.
+The cases that pin autoresearch/kernels.py's fused kernels to their plain PyTorch definitions.
 
 tests/test_fused.py runs them twice: on a CPU through Triton's interpreter (in a
 subprocess, `TRITON_INTERPRET=1 python tests/fused_cases.py` prints them as JSON),
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import runtime  # noqa: E402
+from autoresearch import kernels  # noqa: E402
 
 
 def _max_diff(a, b):
@@ -28,7 +28,7 @@ class KernelLaunches:
     version, produced what it checks), restoring them on exit."""
 
     def __enter__(self):
-        self.kernels = runtime._triton_kernels()
+        self.kernels = kernels._triton_kernels()
         self.saved = dict(self.kernels)
         self.counts = dict.fromkeys(self.saved, 0)
         for name, kernel in self.saved.items():
@@ -60,7 +60,7 @@ def rotary_case(device, dtype, B, T, H, D, scale=1.0, strided_tables=False, tabl
         cos, sin = cos[..., : D // 2], sin[..., : D // 2]  # (1, T, 1, D/2) with rows D apart
     upstream = torch.randn(B, T, H, D, generator=g).to(device, dtype)
     results = []
-    for f in (runtime.rotary_norm, runtime.rotary_norm_plain):
+    for f in (kernels.rotary_norm, kernels.rotary_norm_plain):
         xi = x.clone().requires_grad_()
         y = f(xi, cos, sin)
         y.backward(upstream)
@@ -75,12 +75,12 @@ def cross_entropy_case(device, dtype, N, C, V, cap, ignored=(), per_token_grad=T
     """softcapped_cross_entropy against the plain version: losses, and the gradients of
     sum(losses · u) for random per-token weights u (or of the mean, as training uses it).
     `chunk` below V takes the kernel's two-pass path, as a vocabulary above CE_CHUNK would."""
-    saved_chunk = runtime.CE_CHUNK
-    runtime.CE_CHUNK = chunk or saved_chunk
+    saved_chunk = kernels.CE_CHUNK
+    kernels.CE_CHUNK = chunk or saved_chunk
     try:
         return _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, seed)
     finally:
-        runtime.CE_CHUNK = saved_chunk
+        kernels.CE_CHUNK = saved_chunk
 
 
 def _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, seed):
@@ -92,7 +92,7 @@ def _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, se
         targets.view(-1)[i] = -1
     u = torch.rand(2 * N, generator=g).to(device) if per_token_grad else None
     results = []
-    for f in (runtime.softcapped_cross_entropy, runtime.softcapped_cross_entropy_plain):
+    for f in (kernels.softcapped_cross_entropy, kernels.softcapped_cross_entropy_plain):
         xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
         losses = f(xi, wi.to(dtype), targets, cap)
         objective = (losses * u).sum() if per_token_grad else losses.sum() / (targets != -1).sum()
@@ -100,7 +100,7 @@ def _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, se
         results.append((losses, xi.grad, wi.grad, type(losses.grad_fn).__name__))
     (l, dx, dw, node), (l0, dx0, dw0, _) = results
     with torch.no_grad():  # the evaluation's path: losses only, no gradient written
-        l_nograd = runtime.softcapped_cross_entropy(x, weight.to(dtype), targets, cap)
+        l_nograd = kernels.softcapped_cross_entropy(x, weight.to(dtype), targets, cap)
     return dict(fused="autoresearch_softcapped_cross_entropy" in node, dtype_same=l.dtype == l0.dtype,
                 losses=_max_diff(l, l0), losses_nograd=_max_diff(l_nograd, l0), ignored_zero=bool(
                     (l.view(-1)[list(ignored)] == 0).all()) if ignored else True,
@@ -115,7 +115,7 @@ def out_of_vocabulary_case(device, dtype, N, C, V, cap, target, seed=0):
     targets = torch.randint(0, V, (1, N), generator=g).to(device)
     targets[0, 0] = target
     with KernelLaunches() as launches:
-        losses = runtime.softcapped_cross_entropy(x, weight, targets, cap)
+        losses = kernels.softcapped_cross_entropy(x, weight, targets, cap)
     return dict(fused=launches.counts["softcapped_ce"] == 1, first_is_nan=bool(losses[0].isnan()),
                 others_finite=bool(losses[1:].isfinite().all()))
 
@@ -163,12 +163,12 @@ def compiled_whole(device):
     targets = torch.randint(0, V, (B, T), generator=g).to(device)
 
     def loss(x, weight):
-        h = runtime.rotary_norm(x, cos, sin).reshape(B, T, H * D)
-        return runtime.softcapped_cross_entropy(h, weight, targets, 15.0).mean()
+        h = kernels.rotary_norm(x, cos, sin).reshape(B, T, H * D)
+        return kernels.softcapped_cross_entropy(h, weight, targets, 15.0).mean()
 
     def plain(x, weight):
-        h = runtime.rotary_norm_plain(x, cos, sin).reshape(B, T, H * D)
-        return runtime.softcapped_cross_entropy_plain(h, weight, targets, 15.0).mean()
+        h = kernels.rotary_norm_plain(x, cos, sin).reshape(B, T, H * D)
+        return kernels.softcapped_cross_entropy_plain(h, weight, targets, 15.0).mean()
 
     results = []
     for f in (torch.compile(loss, backend="aot_eager", fullgraph=True), plain):
@@ -183,4 +183,5 @@ def compiled_whole(device):
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (Triton's CPU interpreter)"
-    print(json.dumps(dict(fused_line=runtime.fused_line("cpu"), cases=run_cases("cpu"), compiled=compiled_whole("cpu"))))
+    print(json.dumps(dict(fused_line=kernels.fused_line("cpu"), cases=run_cases("cpu"),
+                          compiled=compiled_whole("cpu"))))

@@ -1,5 +1,5 @@
 """
-Tests for runtime.py's fused kernels (rotary_norm, softcapped_cross_entropy): each is
+Tests for autoresearch/kernels.py's fused pieces (rotary_norm, softcapped_cross_entropy): each is
 pinned to its plain PyTorch definition, forward and gradients, on a CPU through
 Triton's interpreter and, on a CUDA machine, on the GPU and inside torch.compile.
 Also the one decision (kernels or plain) and its switch.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import runtime
+from autoresearch import kernels
 from fused_cases import CASES, KernelLaunches, compiled_whole, cross_entropy_case, rotary_case, run_cases
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +82,7 @@ def test_table_of_another_dtype_takes_the_plain_version():
 
 def test_the_pin_catches_a_wrong_rotation(monkeypatch):
     """A check that cannot fail is no check: a rotation by the opposite angle fails it."""
-    monkeypatch.setattr(runtime, "rotary_norm", lambda x, cos, sin: runtime.rotary_norm_plain(x, cos, -sin))
+    monkeypatch.setattr(kernels, "rotary_norm", lambda x, cos, sin: kernels.rotary_norm_plain(x, cos, -sin))
     wrong = rotary_case("cpu", torch.float32, B=1, T=4, H=2, D=8)
     wrong["fused"] = True  # as if a kernel had produced it
     with pytest.raises(AssertionError):
@@ -91,8 +91,8 @@ def test_the_pin_catches_a_wrong_rotation(monkeypatch):
 
 def test_the_pin_catches_a_wrong_cap(monkeypatch):
     """The same for the cross-entropy: a kernel that soft-capped at 16 instead of 15 fails it."""
-    plain = runtime.softcapped_cross_entropy_plain
-    monkeypatch.setattr(runtime, "softcapped_cross_entropy", lambda x, w, t, cap: plain(x, w, t, cap + 1))
+    plain = kernels.softcapped_cross_entropy_plain
+    monkeypatch.setattr(kernels, "softcapped_cross_entropy", lambda x, w, t, cap: plain(x, w, t, cap + 1))
     wrong = cross_entropy_case("cpu", torch.float32, N=6, C=8, V=30, cap=15.0)
     wrong["fused"] = True  # as if a kernel had produced it
     with pytest.raises(AssertionError):
@@ -107,41 +107,41 @@ def test_the_pin_catches_a_wrong_cap(monkeypatch):
 @pytest.fixture
 def fresh_decision(monkeypatch):
     """Let fused_kernels() decide again under the test's environment; restored afterwards."""
-    monkeypatch.setattr(runtime, "_fused", None)
+    monkeypatch.setattr(kernels, "_fused", None)
     return monkeypatch
 
 
 def test_switch_off_runs_the_plain_version(fresh_decision):
     fresh_decision.setenv("AUTORESEARCH_FUSED", "0")
-    fresh_decision.setattr(runtime, "_interpret", True)  # kernels would run anywhere, but the switch wins
-    assert runtime.fused_line("cpu") == "none, plain PyTorch (AUTORESEARCH_FUSED=0)"
+    fresh_decision.setattr(kernels, "_interpret", True)  # kernels would run anywhere, but the switch wins
+    assert kernels.fused_line("cpu") == "none, plain PyTorch (AUTORESEARCH_FUSED=0)"
     x = torch.randn(1, 3, 2, 4, requires_grad=True)
     cos = sin = torch.ones(1, 3, 1, 2)
-    assert "rotary_norm" not in type(runtime.rotary_norm(x, cos, sin).grad_fn).__name__
+    assert "rotary_norm" not in type(kernels.rotary_norm(x, cos, sin).grad_fn).__name__
 
 
 def test_bad_switch_value_is_one_line(fresh_decision):
     fresh_decision.setenv("AUTORESEARCH_FUSED", "yes")
     with pytest.raises(SystemExit, match=r"AUTORESEARCH_FUSED='yes': use 1 \(Triton kernels\) or 0"):
-        runtime.fused_kernels()
+        kernels.fused_kernels()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the kernels run")
 def test_cpu_runs_the_plain_version_and_says_why(fresh_decision):
     fresh_decision.delenv("AUTORESEARCH_FUSED", raising=False)
-    fresh_decision.setattr(runtime, "_interpret", False)
-    assert runtime.fused_line("cpu") == "none, plain PyTorch (no CUDA device)"
+    fresh_decision.setattr(kernels, "_interpret", False)
+    assert kernels.fused_line("cpu") == "none, plain PyTorch (no CUDA device)"
     x = torch.randn(2, 4, 8)
     w = torch.randn(16, 8)
     targets = torch.randint(0, 16, (2, 4))
-    assert torch.equal(runtime.softcapped_cross_entropy(x, w, targets, 15.0),
-                       runtime.softcapped_cross_entropy_plain(x, w, targets, 15.0))
+    assert torch.equal(kernels.softcapped_cross_entropy(x, w, targets, 15.0),
+                       kernels.softcapped_cross_entropy_plain(x, w, targets, 15.0))
 
 # =============================================================================
 # On the GPU
 # =============================================================================
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.cuda  # skipped without a CUDA GPU (conftest.py)
 
 
 @cuda
@@ -170,8 +170,8 @@ def test_kernels_at_train_shapes_under_autocast_and_compile():
         return cross_entropy(torch.nn.functional.rms_norm(h, (H * D,)), w, targets, 15.0).mean()
 
     results = []
-    for rotary, cross_entropy, compiled in ((runtime.rotary_norm, runtime.softcapped_cross_entropy, True),
-                                            (runtime.rotary_norm_plain, runtime.softcapped_cross_entropy_plain, False)):
+    for rotary, cross_entropy, compiled in ((kernels.rotary_norm, kernels.softcapped_cross_entropy, True),
+                                            (kernels.rotary_norm_plain, kernels.softcapped_cross_entropy_plain, False)):
         f = torch.compile(loss, dynamic=False) if compiled else loss
         xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
         with KernelLaunches() as launches:

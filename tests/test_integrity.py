@@ -21,10 +21,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, corpus_documents, write_parquet
-from test_prepare import assert_clean_failure, run_python, use_cache
+from helpers import ROOT, assert_clean_failure, corpus_documents, run_python, use_cache, write_parquet
 
 import prepare
+from autoresearch import files, manifest, paths, tokencache
 
 T, N = 256, 32  # the validation rows prepared_cache holds (smoke constants)
 
@@ -90,7 +90,7 @@ def healed(capsys):
 
 
 def train_cache_base(tok, index=0):
-    return os.path.join(prepare.TOKENS_DIR, tok.id, f"shard_{index:05d}")
+    return os.path.join(paths.TOKENS_DIR, tok.id, f"shard_{index:05d}")
 
 
 def npy_body(path):
@@ -174,13 +174,14 @@ class MeanOnly(TinyAttention):
 
 def test_intact_cache_verifies_with_its_fingerprints(cache, tok):
     fp = prepare.verify_data()
-    val = cache / "data" / prepare.VAL_FILENAME
-    assert fp["val"] == prepare._sha256(val)[:12]
+    val = cache / "data" / paths.VAL_FILENAME
+    assert fp["val"] == files.sha256(val)[:12]
     assert fp["tokenizer"] == tok.id[:12] and fp["train_shards"] == 3
-    assert list(fp["harness"]) == list(prepare.HARNESS_FILES)
+    package = sorted(f"autoresearch/{p.name}" for p in (ROOT / "autoresearch").glob("*.py"))
+    assert list(fp["harness"]) == ["constants.py", "prepare.py", *package], "every fixed file, the package too"
     for name, short in fp["harness"].items():
         path = ROOT / name
-        assert short == (prepare._sha256(path)[:12] if path.exists() else "missing"), name
+        assert short == (files.sha256(path)[:12] if path.exists() else "missing"), name
     assert prepare.data_fingerprint() == fp, "the old name gives the same answer"
 
 # =============================================================================
@@ -189,7 +190,7 @@ def test_intact_cache_verifies_with_its_fingerprints(cache, tok):
 
 
 def test_overwritten_val_rows_are_caught_and_healed(cache, tok, capsys):
-    path = prepare._val_rows_path(tok, T, N)
+    path = tokencache.val_rows_path(tok, T, N)
     original = np.load(path)
     model = TinyAttention(tok.get_vocab_size(), "causal")
     expected = prepare.evaluate_bpb(model, tok, 8)
@@ -241,7 +242,7 @@ def test_garbled_tokens_body_is_caught_and_the_loader_does_not_crash(cache, tok,
     keeping_mtime(path, lambda: overwrite(path, npy_body(path), garbage))
     refused("token cache of shard_00000.parquet", "shard_00000.tokens.npy holds ids beyond the vocabulary",
             "uv run prepare.py")
-    assert prepare.load_token_cache(tok, prepare.list_shards("train")[0]) is None
+    assert tokencache.load_token_cache(tok, prepare.list_shards("train")[0]) is None
     x, y, _ = next(prepare.make_dataloader(tok, 4, 64, "train", device="cpu"))  # tokenized on the fly instead
     assert torch.equal(x, x0) and torch.equal(y, y0)
     assert "shard_00000.tokens.npy holds ids beyond the vocabulary (8192); rebuilding it" in healed(capsys)
@@ -251,7 +252,7 @@ def test_half_of_tokens_overwritten_with_a_valid_id_is_caught_by_content(cache, 
     """Structure intact (ids below the vocabulary, BOS where documents start):
     only the recorded sha256 can tell."""
     path, shard = train_cache_base(tok) + ".tokens.npy", prepare.list_shards("train")[0]
-    tokens_before, offsets, _ = prepare.load_token_cache(tok, shard)
+    tokens_before, offsets, _ = tokencache.load_token_cache(tok, shard)
     tokens_before = np.array(tokens_before)
 
     def forge():
@@ -262,16 +263,16 @@ def test_half_of_tokens_overwritten_with_a_valid_id_is_caught_by_content(cache, 
         tokens.flush()
 
     keeping_mtime(path, forge)
-    cached, problem = prepare.check_token_cache(tok, shard)
+    cached, problem = tokencache.check_token_cache(tok, shard)
     assert cached is not None and problem is None, "the cheap structural check cannot see this one"
     refused("shard_00000.tokens.npy differs from the sha256 recorded", "uv run prepare.py")
     healed(capsys)
-    assert np.array_equal(prepare.load_token_cache(tok, shard)[0], tokens_before)
+    assert np.array_equal(tokencache.load_token_cache(tok, shard)[0], tokens_before)
 
 
 def test_garbled_offsets_are_caught_and_healed(cache, tok, capsys):
     path, shard = train_cache_base(tok, 1) + ".offsets.npy", prepare.list_shards("train")[1]
-    offsets_before = np.array(prepare.load_token_cache(tok, shard)[1])
+    offsets_before = np.array(tokencache.load_token_cache(tok, shard)[1])
     body = npy_body(path)
     garbage = np.random.default_rng(2).bytes(os.path.getsize(path) - body)
     keeping_mtime(path, lambda: overwrite(path, body, garbage))
@@ -280,7 +281,7 @@ def test_garbled_offsets_are_caught_and_healed(cache, tok, capsys):
     for _ in range(20):  # through shard 1: no raw ValueError, the shard is tokenized on the fly
         next(loader)
     healed(capsys)
-    assert np.array_equal(prepare.load_token_cache(tok, shard)[1], offsets_before)
+    assert np.array_equal(tokencache.load_token_cache(tok, shard)[1], offsets_before)
 
 
 def test_garbled_offsets_header_is_caught(cache, tok, capsys):
@@ -291,7 +292,7 @@ def test_garbled_offsets_header_is_caught(cache, tok, capsys):
 
 
 def test_truncated_val_shard_is_found_before_training(cache, tok, corpus_dir):
-    val = cache / "data" / prepare.VAL_FILENAME
+    val = cache / "data" / paths.VAL_FILENAME
     truncate(val)
     refused(f"validation shard {val} is not a readable parquet file", f"uv run prepare.py --source {corpus_dir}")
     prepare.prepare(source=str(corpus_dir))  # the command the line names
@@ -299,13 +300,13 @@ def test_truncated_val_shard_is_found_before_training(cache, tok, corpus_dir):
 
 
 def test_changed_val_shard_is_refused_then_accepted_with_what_depends_on_it(cache, tok, capsys):
-    val = cache / "data" / prepare.VAL_FILENAME
+    val = cache / "data" / paths.VAL_FILENAME
     keeping_mtime(val, lambda: write_parquet(val, corpus_documents(300, seed=5), row_group_size=200))
     refused("differs from the one prepare.py recorded", "to accept the change, run `uv run prepare.py`")
     assert "validation shard changed since the last prepare" in healed(capsys)
-    assert prepare.verify_data()["val"] == prepare._sha256(val)[:12]
+    assert prepare.verify_data()["val"] == files.sha256(val)[:12]
     assert np.array_equal(prepare.val_rows(tok, T, N), prepare.build_val_rows(tok, T, N))
-    tokens, offsets, _ = prepare.load_token_cache(tok, str(val))
+    tokens, offsets, _ = tokencache.load_token_cache(tok, str(val))
     docs = [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
     assert docs == tok.encode(corpus_documents(300, seed=5), prepend=tok.get_bos_token_id())
 
@@ -316,7 +317,7 @@ def test_verify_data_failure_is_one_line_and_exit_1_for_train_py(cache):
     assert_clean_failure(result, "error: ", "token_bytes.pt differs", "uv run prepare.py")
 
 # =============================================================================
-# The harness: constants.py, prepare.py, runtime.py
+# The harness: constants.py, prepare.py and autoresearch/*.py
 # =============================================================================
 
 
@@ -324,39 +325,46 @@ def test_verify_data_failure_is_one_line_and_exit_1_for_train_py(cache):
 def harness(cache, tmp_path, monkeypatch):
     """A copy of the harness files, recorded by a prepare run that reads them there."""
     folder = tmp_path / "harness"
-    folder.mkdir()
-    for name in prepare.HARNESS_FILES:
-        if (ROOT / name).exists():
-            shutil.copy(ROOT / name, folder / name)
-    (folder / "runtime.py").unlink(missing_ok=True)  # record one file as missing
-    monkeypatch.setattr(prepare, "HARNESS_DIR", str(folder))
+    (folder / "autoresearch").mkdir(parents=True)
+    for name in manifest.harness_files():
+        shutil.copy(ROOT / name, folder / name)
+    monkeypatch.setattr(manifest, "HARNESS_DIR", str(folder))
     prepare.prepare()
     return folder
 
 
-@pytest.mark.parametrize("name", ["constants.py", "prepare.py"])
+@pytest.mark.parametrize("name", ["constants.py", "prepare.py", "autoresearch/files.py"])
 def test_edited_harness_file_is_refused_until_prepare_accepts_it(harness, name, capsys):
-    assert prepare.verify_data()["harness"]["runtime.py"] == "missing"
     with open(harness / name, "a") as f:
         f.write("\nEVAL_TOKENS = 1  # an edit\n")
     refused(f"{name} differs from the one prepare.py recorded: restore it (git checkout {name}), "
             f"or run `uv run prepare.py` to accept a deliberate change")
     assert f"harness: {name} changed since the last prepare" in healed(capsys)
-    assert prepare.verify_data()["harness"][name] == prepare._sha256(harness / name)[:12]
+    assert prepare.verify_data()["harness"][name] == files.sha256(harness / name)[:12]
 
 
-def test_missing_harness_file_is_compared_too(harness, capsys):
-    (harness / "runtime.py").write_text("# the fixed runtime module\n")
-    refused("runtime.py is new since prepare.py recorded the harness", "uv run prepare.py")
-    healed(capsys)
+def test_missing_and_new_harness_files_are_compared_too(harness, capsys):
     (harness / "constants.py").unlink()
     refused("constants.py is missing, but prepare.py recorded it: restore it (git checkout constants.py)")
+    healed(capsys)
+    assert prepare.verify_data()["harness"]["constants.py"] == "missing", "recorded as missing"
+    shutil.copy(ROOT / "constants.py", harness / "constants.py")
+    refused("constants.py is new since prepare.py recorded the harness", "uv run prepare.py")
+    healed(capsys)
+    (harness / "autoresearch" / "extra.py").write_text("# a new fixed module\n")
+    refused("autoresearch/extra.py is new since prepare.py recorded the harness", "uv run prepare.py")
+    healed(capsys)
+    (harness / "autoresearch" / "extra.py").unlink()
+    refused("autoresearch/extra.py is missing, but prepare.py recorded it: restore it "
+            "(git checkout autoresearch/extra.py)")
+    assert "harness: autoresearch/extra.py changed since the last prepare" in healed(capsys)
+    assert "autoresearch/extra.py" not in prepare.verify_data()["harness"]
 
 
 def test_cache_without_harness_fingerprints_is_refused(cache, capsys):
-    manifest = prepare._read_json(str(cache / "manifest.json"))
+    manifest = files.read_json(str(cache / "manifest.json"))
     del manifest["harness"]
-    prepare._write_json(str(cache / "manifest.json"), manifest)
+    files.write_json(str(cache / "manifest.json"), manifest)
     refused("recorded no fingerprints of the harness files", "uv run prepare.py")
     healed(capsys)
 

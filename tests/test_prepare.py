@@ -1,6 +1,7 @@
 """
-Tests for prepare.py: tokenizer, token cache, dataloader, val_bpb, downloads,
-local import and error messages. CPU only, no network, temporary cache roots.
+Tests for prepare.py and the data machinery behind it (autoresearch/): tokenizer,
+token cache, dataloader, val_bpb, downloads, local import and error messages.
+CPU only, no network, temporary cache roots.
 
     uv run pytest tests/test_prepare.py          # about a minute on 2 cores
     uv run pytest tests/test_prepare.py -k loader
@@ -28,10 +29,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, corpus_documents, make_parquet_corpus, run_prepare, write_parquet
+from helpers import (ROOT, assert_clean_failure, corpus_documents, make_parquet_corpus, run_prepare, run_python,
+                     use_cache, write_parquet)
 
 import prepare
-from bench.reference import reference_dataloader
+from autoresearch import download, paths, prefetch, tokencache, tokenizer_training
+from reference import reference_dataloader
 
 MIXED_TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -44,14 +47,6 @@ MIXED_TEXTS = [
 ]
 
 
-def use_cache(monkeypatch, root):
-    """Point the imported prepare module (and subprocesses) at another cache root."""
-    for name in ("CACHE_DIR", "DATA_DIR", "TOKENIZER_DIR", "TOKENS_DIR"):
-        monkeypatch.setattr(prepare, name, getattr(prepare, name))
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(root))
-    prepare.set_cache_root(str(root))
-
-
 @pytest.fixture(scope="module")
 def tok(prepared_cache):
     return prepare.Tokenizer.from_directory()
@@ -61,7 +56,7 @@ def cached_documents(tokenizer, split):
     """Every document of a split as a tuple of ids (BOS first), from the token cache."""
     docs = []
     for path in prepare.list_shards(split):
-        cached = prepare.load_token_cache(tokenizer, path)
+        cached = tokencache.load_token_cache(tokenizer, path)
         assert cached is not None, f"{path} is not cached"
         tokens, offsets, _ = cached
         docs += [tuple(tokens[a:b].tolist()) for a, b in zip(offsets[:-1], offsets[1:])]
@@ -142,7 +137,7 @@ def test_token_cache_equals_tokenizer_encode(tok, split):
     """The cache (encode_to_numpy in threads) holds exactly what Tokenizer.encode gives."""
     bos = tok.get_bos_token_id()
     for path in prepare.list_shards(split):
-        tokens, offsets, row_groups = prepare.load_token_cache(tok, path)
+        tokens, offsets, row_groups = tokencache.load_token_cache(tok, path)
         pf = pq.ParquetFile(path)
         assert row_groups == [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         texts = [t for rg in range(pf.num_row_groups) for t in prepare.read_texts(pf, rg)]
@@ -156,10 +151,10 @@ def test_token_cache_is_ignored_when_the_shard_changes(tok, prepared_cache, tmp_
     shutil.copytree(prepared_cache, cache)
     use_cache(monkeypatch, cache)
     path = prepare.list_shards("train")[0]
-    assert prepare.load_token_cache(tok, path) is not None
+    assert tokencache.load_token_cache(tok, path) is not None
     write_parquet(path, corpus_documents(10, seed=77), row_group_size=5)
-    assert prepare.load_token_cache(tok, path) is None
-    assert prepare.load_token_cache(prepare.Tokenizer(tok.enc), path) is None, "no id: no cache"
+    assert tokencache.load_token_cache(tok, path) is None
+    assert tokencache.load_token_cache(prepare.Tokenizer(tok.enc), path) is None, "no id: no cache"
 
 # =============================================================================
 # Dataloader
@@ -261,21 +256,21 @@ def test_keeping_a_batch_across_next_is_safe(tok):
     loader = prepare.make_dataloader(tok, 4, 64, "train", device="cpu")
     kept = [next(loader) for _ in range(3)]
     copies = [(x.clone(), y.clone()) for x, y, _ in kept]
-    for _ in range(3 * prepare.LOADER_POOL + 5):
+    for _ in range(3 * prefetch.LOADER_POOL + 5):
         next(loader)
     for (x, y, _), (cx, cy) in zip(kept, copies):
         assert torch.equal(x, cx) and torch.equal(y, cy), "a kept batch was overwritten"
     assert kept[0][0].data_ptr() != kept[1][0].data_ptr()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_loader_matches_cpu_and_kept_batches_survive(tok):
     """Pinned buffers, non-blocking copies: the rows equal the CPU loader's, and
     batches kept while the pool of pinned buffers cycles are left intact."""
     gpu = prepare.make_dataloader(tok, 16, 512, "train", device="cuda")
     cpu = prepare.make_dataloader(tok, 16, 512, "train", device="cpu")
     kept = []
-    for _ in range(4 * prepare.LOADER_POOL):
+    for _ in range(4 * prefetch.LOADER_POOL):
         (x, y, e), (cx, cy, ce) = next(gpu), next(cpu)
         assert x.is_cuda and x.dtype == torch.int64 and x.is_contiguous() and e == ce
         kept.append((x, y, cx, cy))
@@ -301,7 +296,7 @@ def test_loader_raises_worker_errors_naming_the_file(tok, prepared_cache, tmp_pa
 def test_empty_training_split_is_a_clear_error(tok, prepared_cache, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     (cache / "data").mkdir(parents=True)
-    shutil.copy(prepared_cache / "data" / prepare.VAL_FILENAME, cache / "data")
+    shutil.copy(prepared_cache / "data" / paths.VAL_FILENAME, cache / "data")
     use_cache(monkeypatch, cache)
     with pytest.raises(SystemExit, match="training split is empty"):
         prepare.make_dataloader(tok, 2, 32, "train", device="cpu")
@@ -336,7 +331,7 @@ def small_eval(monkeypatch, prepared_cache):
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 10 * 64 + 17)  # 10 rows
     yield 64, 10
-    path = prepare._val_rows_path(prepare.Tokenizer.from_directory(), 64, 10)
+    path = tokencache.val_rows_path(prepare.Tokenizer.from_directory(), 64, 10)
     for p in (path, path[:-4] + ".json"):
         if os.path.exists(p):
             os.remove(p)
@@ -368,7 +363,7 @@ def test_evaluate_bpb_equals_hand_computation(tok, small_eval):
 def test_evaluate_bpb_cached_equals_uncached(tok, small_eval):
     T, N = small_eval
     model = Bigram(tok.get_vocab_size())
-    path = prepare._val_rows_path(tok, T, N)
+    path = tokencache.val_rows_path(tok, T, N)
     assert not os.path.exists(path)
     first = prepare.evaluate_bpb(model, tok, 4)  # packs the rows, then caches them
     assert os.path.exists(path)
@@ -386,7 +381,7 @@ def test_stale_val_rows_are_rebuilt(tok, prepared_cache, tmp_path, monkeypatch):
     shutil.copytree(prepared_cache, cache)
     use_cache(monkeypatch, cache)
     before = np.array(prepare.val_rows(tok, 256, 32))
-    write_parquet(cache / "data" / prepare.VAL_FILENAME, corpus_documents(50, seed=99), row_group_size=20)
+    write_parquet(cache / "data" / paths.VAL_FILENAME, corpus_documents(50, seed=99), row_group_size=20)
     after = prepare.val_rows(tok, 256, 32)
     assert not np.array_equal(before, after), "a changed val shard must not reuse old rows"
     assert np.array_equal(after, prepare.build_val_rows(tok, 256, 32))
@@ -463,20 +458,20 @@ class FaultyServer:
 
 @pytest.fixture
 def shard_files():
-    names = [f"shard_{i:05d}.parquet" for i in range(6)] + [prepare.VAL_FILENAME]
+    names = [f"shard_{i:05d}.parquet" for i in range(6)] + [paths.VAL_FILENAME]
     return {name: parquet_bytes(corpus_documents(40, seed=100 + k)) for k, name in enumerate(names)}
 
 
 @pytest.fixture
 def download_env(tmp_path, monkeypatch):
     use_cache(monkeypatch, tmp_path / "cache")
-    monkeypatch.setattr(prepare, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(download, "BACKOFF_BASE", 0.01)
     servers = []
 
     def start(files, faults=None, delay=0.0):
         server = FaultyServer(files, faults, delay)
         servers.append(server)
-        monkeypatch.setattr(prepare, "BASE_URL", server.url)
+        monkeypatch.setattr(download, "BASE_URL", server.url)
         return server
 
     yield start
@@ -486,38 +481,38 @@ def download_env(tmp_path, monkeypatch):
 
 def test_download_retries_faults_and_fetches_val(download_env, shard_files, capsys):
     faults = {"shard_00000.parquet": ["503", "503"], "shard_00001.parquet": ["drop"],
-              "shard_00002.parquet": ["truncate"], prepare.VAL_FILENAME: ["truncate_nolen", "503"]}
+              "shard_00002.parquet": ["truncate"], paths.VAL_FILENAME: ["truncate_nolen", "503"]}
     server = download_env(shard_files, faults)
-    assert prepare.download_data(3, workers=2) is True
-    expected = ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", prepare.VAL_FILENAME]
-    assert sorted(os.listdir(prepare.DATA_DIR)) == expected, "no .tmp or partial file left behind"
+    assert download.download_data(3, workers=2) is True
+    expected = ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", paths.VAL_FILENAME]
+    assert sorted(os.listdir(paths.DATA_DIR)) == expected, "no .tmp or partial file left behind"
     for name in expected:
-        with open(os.path.join(prepare.DATA_DIR, name), "rb") as f:
+        with open(os.path.join(paths.DATA_DIR, name), "rb") as f:
             assert f.read() == shard_files[name], name
     assert server.requests == {"shard_00000.parquet": 3, "shard_00001.parquet": 2, "shard_00002.parquet": 2,
-                               prepare.VAL_FILENAME: 3}
+                               paths.VAL_FILENAME: 3}
     out = capsys.readouterr().out
     assert out.count("retrying in") == 6 and "[4/4]" in out
     # Present shards are not fetched again.
-    assert prepare.download_data(3, workers=2) is False
+    assert download.download_data(3, workers=2) is False
     assert sum(server.requests.values()) == 10
 
 
 def test_partial_files_never_count_as_present(download_env, shard_files):
     server = download_env(shard_files, {"shard_00000.parquet": ["truncate_nolen"] * 5})
-    os.makedirs(prepare.DATA_DIR)
-    with open(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME), "wb") as f:
-        f.write(shard_files[prepare.VAL_FILENAME][:1000])  # left by an interrupted run
-    with open(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME + ".tmp"), "wb") as f:
+    os.makedirs(paths.DATA_DIR)
+    with open(os.path.join(paths.DATA_DIR, paths.VAL_FILENAME), "wb") as f:
+        f.write(shard_files[paths.VAL_FILENAME][:1000])  # left by an interrupted run
+    with open(os.path.join(paths.DATA_DIR, paths.VAL_FILENAME + ".tmp"), "wb") as f:
         f.write(b"partial")
     with pytest.raises(SystemExit, match="shard_00000.parquet after 5 attempts"):
-        prepare.download_data(1, workers=1)
+        download.download_data(1, workers=1)
     assert server.requests["shard_00000.parquet"] == 5
-    assert server.requests[prepare.VAL_FILENAME] == 1, "a partial file is fetched again"
+    assert server.requests[paths.VAL_FILENAME] == 1, "a partial file is fetched again"
     # No temporary of this run is left; the old one is never written through
     # (prepare.py's main sweeps those of killed runs: test_prepare_faults.py).
-    assert sorted(os.listdir(prepare.DATA_DIR)) == [prepare.VAL_FILENAME, prepare.VAL_FILENAME + ".tmp"]
-    with open(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME + ".tmp"), "rb") as f:
+    assert sorted(os.listdir(paths.DATA_DIR)) == [paths.VAL_FILENAME, paths.VAL_FILENAME + ".tmp"]
+    with open(os.path.join(paths.DATA_DIR, paths.VAL_FILENAME + ".tmp"), "rb") as f:
         assert f.read() == b"partial"
 
 
@@ -525,22 +520,22 @@ def test_client_errors_are_not_retried(download_env, shard_files):
     files = {k: v for k, v in shard_files.items() if k != "shard_00001.parquet"}
     server = download_env(files)
     with pytest.raises(SystemExit, match=r"shard_00001.parquet: HTTP 404 .*--source"):
-        prepare.download_data(2, workers=1)
+        download.download_data(2, workers=1)
     assert server.requests["shard_00001.parquet"] == 1
 
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_download_worker_count_is_honoured(download_env, shard_files, workers):
     server = download_env(shard_files, delay=0.25)
-    prepare.download_data(6, workers=workers)
+    download.download_data(6, workers=workers)
     assert sum(server.requests.values()) == 7
     assert server.max_active == workers
 
 
 def test_num_shards_zero_fetches_only_val(download_env, shard_files):
     server = download_env(shard_files)
-    prepare.download_data(0, workers=4)
-    assert set(server.requests) == {prepare.VAL_FILENAME}
+    download.download_data(0, workers=4)
+    assert set(server.requests) == {paths.VAL_FILENAME}
     with pytest.raises(SystemExit, match="training split is empty"):
         prepare.list_shards("train")
 
@@ -551,11 +546,11 @@ def test_offline_errors_are_recognised():
 
     resolve = urllib3.exceptions.NameResolutionError("huggingface.co", None, socket.gaierror(-2, "Name unknown"))
     wrapped = requests.exceptions.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/x", resolve))
-    assert prepare._is_offline(wrapped)
+    assert download.is_offline(wrapped)
     dropped = requests.exceptions.ConnectionError(urllib3.exceptions.ProtocolError(
         "Connection aborted.", http.client.RemoteDisconnected("closed")))
-    assert not prepare._is_offline(dropped)
-    assert not prepare._is_offline(requests.exceptions.ChunkedEncodingError("incomplete"))
+    assert not download.is_offline(dropped)
+    assert not download.is_offline(requests.exceptions.ChunkedEncodingError("incomplete"))
 
 
 def closed_port():
@@ -592,8 +587,8 @@ def test_source_parquet_glob(tmp_path, monkeypatch, small_constants, corpus_dir)
     use_cache(monkeypatch, tmp_path / "cache")
     prepare.prepare(source=str(corpus_dir / "*.parquet"))
     sources = sorted(corpus_dir.glob("*.parquet"))
-    data = [os.path.join(prepare.DATA_DIR, n) for n in
-            ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", prepare.VAL_FILENAME]]
+    data = [os.path.join(paths.DATA_DIR, n) for n in
+            ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", paths.VAL_FILENAME]]
     for src, dst in zip(sources, data):
         assert open(src, "rb").read() == open(dst, "rb").read(), "copied as is, the last file is validation"
     assert prepare.list_shards("val") == [data[-1]]
@@ -613,8 +608,8 @@ def test_source_text_and_markdown(tmp_path, monkeypatch, small_constants, capsys
     assert "skipped 1 files that are not valid UTF-8" in out
     files = sorted(p for p in src.rglob("*") if p.suffix in (".txt", ".md") and p.name != "latin1.txt")
     ordered = [p.read_text() for p in files]
-    train = shard_texts(os.path.join(prepare.DATA_DIR, "shard_00000.parquet"))
-    val = shard_texts(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME))
+    train = shard_texts(os.path.join(paths.DATA_DIR, "shard_00000.parquet"))
+    val = shard_texts(os.path.join(paths.DATA_DIR, paths.VAL_FILENAME))
     assert train + val == ordered and len(val) == 4, "the last 10% of documents are validation"
     x, y, _ = next(prepare.make_dataloader(prepare.Tokenizer.from_directory(), 2, 32, "train", device="cpu"))
     assert x.shape == (2, 32)
@@ -630,8 +625,8 @@ def test_source_jsonl(tmp_path, monkeypatch, small_constants, capsys):
     use_cache(monkeypatch, tmp_path / "cache")
     prepare.prepare(source=str(src))
     assert "skipped 3 jsonl lines without a text string" in capsys.readouterr().out
-    train = shard_texts(os.path.join(prepare.DATA_DIR, "shard_00000.parquet"))
-    val = shard_texts(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME))
+    train = shard_texts(os.path.join(paths.DATA_DIR, "shard_00000.parquet"))
+    val = shard_texts(os.path.join(paths.DATA_DIR, paths.VAL_FILENAME))
     assert train + val == docs and len(val) == 6
 
 
@@ -647,7 +642,7 @@ def test_prepare_twice_is_a_noop_and_notices_changed_shards(tmp_path, monkeypatc
     assert snapshot == {p: os.stat(p).st_mtime_ns for p in map(str, (tmp_path / "cache").rglob("*"))}
     old_id = prepare.Tokenizer.from_directory().id
     # Killed between the validation rows and their .json: rebuilt, not trusted.
-    rows = prepare._val_rows_path(prepare.Tokenizer.from_directory(), 64, 8)
+    rows = tokencache.val_rows_path(prepare.Tokenizer.from_directory(), 64, 8)
     os.remove(rows[:-len(".npy")] + ".json")
     assert prepare.prepare(source=str(src)) is True and os.path.exists(rows[:-len(".npy")] + ".json")
     # New training data: prepare says the tokenizer was trained on other shards and keeps it...
@@ -659,22 +654,22 @@ def test_prepare_twice_is_a_noop_and_notices_changed_shards(tmp_path, monkeypatc
     # ... and the token cache follows the new data.
     tok = prepare.Tokenizer.from_directory()
     path = prepare.list_shards("train")[0]
-    tokens, offsets, _ = prepare.load_token_cache(tok, path)
+    tokens, offsets, _ = tokencache.load_token_cache(tok, path)
     assert tokens[offsets[0]:offsets[1]].tolist() == tok.encode(shard_texts(path)[0], prepend=tok.get_bos_token_id())
     # Retraining on request.
     prepare.prepare(source=str(src), retrain_tokenizer=True)
     assert prepare.Tokenizer.from_directory().id != old_id
-    assert os.listdir(prepare.TOKENS_DIR) == [prepare.Tokenizer.from_directory().id], "old token caches dropped"
+    assert os.listdir(paths.TOKENS_DIR) == [prepare.Tokenizer.from_directory().id], "old token caches dropped"
 
 
 def test_killed_import_is_redone(tmp_path, monkeypatch, small_constants, corpus_dir):
     use_cache(monkeypatch, tmp_path / "cache")
     prepare.prepare(source=str(corpus_dir))
-    state_path = os.path.join(prepare.DATA_DIR, "source.json")
+    state_path = os.path.join(paths.DATA_DIR, "source.json")
     state = json.load(open(state_path))
     # As if killed while copying: the pending record and one shard cut short.
     json.dump({**state, "shards": [], "complete": False}, open(state_path, "w"))
-    val = os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME)
+    val = os.path.join(paths.DATA_DIR, paths.VAL_FILENAME)
     open(val, "wb").write(open(val, "rb").read()[:500])
     with pytest.raises(SystemExit, match="did not finish"):
         prepare.prepare()
@@ -702,12 +697,12 @@ def test_half_written_tokenizer_is_never_trusted(tok, prepared_cache, tmp_path, 
     (cache / "tokenizer" / "tokenizer.pkl").write_bytes(b"partial")
     with pytest.raises(SystemExit, match="does not match"):
         prepare.Tokenizer.from_directory()
-    assert prepare._tokenizer_state() is None
+    assert tokenizer_training.tokenizer_state() is None
 
 
 def test_data_fingerprint(tok, prepared_cache):
     fp = prepare.data_fingerprint()
-    with open(prepared_cache / "data" / prepare.VAL_FILENAME, "rb") as f:
+    with open(prepared_cache / "data" / paths.VAL_FILENAME, "rb") as f:
         assert fp["val"] == hashlib.sha256(f.read()).hexdigest()[:12]
     assert fp["tokenizer"] == tok.id[:12] and fp["train_shards"] == 3
 
@@ -716,19 +711,7 @@ def test_data_fingerprint(tok, prepared_cache):
 # =============================================================================
 
 
-def assert_clean_failure(result, *needles):
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in result.stderr, (needle, result.stderr)
-
-
-def run_python(code, cache):
-    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True, text=True,
-                          timeout=120)
-
-
+@pytest.mark.slow
 def test_nothing_prepared_is_a_clear_error_for_train_py(tmp_path, prepared_cache):
     result = run_python("import prepare; prepare.Tokenizer.from_directory()", tmp_path / "empty")
     assert_clean_failure(result, "no tokenizer", "uv run prepare.py")
@@ -794,3 +777,17 @@ def test_source_refuses_to_mix_with_downloaded_data(tmp_path, corpus_dir, shard_
 
 def test_bad_cli_values(tmp_path):
     assert_clean_failure(run_prepare(["--download-workers", "0"], tmp_path / "c"), "--download-workers")
+
+# =============================================================================
+# Import arrows: prepare.py imports the package, never the other way round
+# =============================================================================
+
+
+def test_the_package_never_imports_prepare_or_train():
+    modules = sorted(f"autoresearch.{p.stem}" for p in (ROOT / "autoresearch").glob("*.py") if p.stem != "__init__")
+    assert "autoresearch.tokencache" in modules and "autoresearch.manifest" in modules
+    code = (f"import sys, importlib; [importlib.import_module(m) for m in {modules}]; "
+            "loaded = [m for m in ('prepare', 'train') if m in sys.modules]; "
+            "assert not loaded, f'the package imported {loaded}'; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -27,9 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, corpus_documents, run_prepare, write_parquet
+from helpers import ROOT, corpus_documents, run_prepare, write_parquet
 
 import prepare
+from autoresearch import download, files, paths, tokencache
+from autoresearch.source import import_source, text_extensions
 
 # =============================================================================
 # Helpers
@@ -41,9 +43,9 @@ def cache(tmp_path, monkeypatch):
     """A fresh cache root for the in-process prepare module, with small constants."""
     root = tmp_path / "cache"
     for name in ("CACHE_DIR", "DATA_DIR", "TOKENIZER_DIR", "TOKENS_DIR"):
-        monkeypatch.setattr(prepare, name, getattr(prepare, name))
+        monkeypatch.setattr(paths, name, getattr(paths, name))
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(root))
-    prepare.set_cache_root(str(root))
+    paths.set_cache_root(str(root))
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 8 * 64)
     return root
@@ -121,16 +123,17 @@ def test_source_inside_the_cache_is_refused_and_nothing_is_lost(prepared_cache, 
 def test_a_source_holding_the_cache_skips_the_cache(tmp_path, cache, capsys):
     src = tmp_path / "home"
     docs = text_source(src)
-    prepare.set_cache_root(str(src / ".cache" / "autoresearch"))  # the usual ~/.cache under a source of ~
-    os.makedirs(prepare.TOKENIZER_DIR)
+    paths.set_cache_root(str(src / ".cache" / "autoresearch"))  # the usual ~/.cache under a source of ~
+    os.makedirs(paths.TOKENIZER_DIR)
     (src / ".cache" / "autoresearch" / "tokenizer" / "notes.txt").write_text("a file in the cache")
-    prepare.import_source(str(src))
+    import_source(str(src))
     assert "(skipped files: 1 inside the cache root)" in capsys.readouterr().out
     shards = prepare.list_shards("train") + prepare.list_shards("val")
     assert sum((texts(p) for p in shards), []) == docs
-    assert prepare.import_source(str(src)) is False, "its own shards are not new source files"
+    assert import_source(str(src)) is False, "its own shards are not new source files"
 
 
+@pytest.mark.slow
 def test_second_run_waits_for_the_lock(tmp_path, corpus_dir):
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -200,7 +203,7 @@ def test_unreadable_source_json_never_leads_to_downloads(prepared_cache, corpus_
     state = cache / "data" / "source.json"
     shards = sorted(p.name for p in (cache / "data").glob("*.parquet"))
     server = SilentServer()
-    monkeypatch.setattr(prepare, "BASE_URL", server.url)
+    monkeypatch.setattr(download, "BASE_URL", server.url)
     try:
         state.write_text("{not json")
         assert_clean_failure(run_prepare([], cache, {"AUTORESEARCH_BASE_URL": server.url}, timeout=60),
@@ -224,24 +227,24 @@ def test_planted_symlinks_are_never_written_through(tmp_path, cache, monkeypatch
     outside.write_text("keep me")
     data = cache / "data"
     data.mkdir(parents=True)
-    for name in ["shard_00000.parquet.tmp", f"{prepare.VAL_FILENAME}.tmp", "source.json.tmp"]:
+    for name in ["shard_00000.parquet.tmp", f"{paths.VAL_FILENAME}.tmp", "source.json.tmp"]:
         (data / name).symlink_to(outside)  # the old fixed temporary names
     prepare.main(["--source", str(src)])
     assert outside.read_text() == "keep me"
-    assert texts(data / "shard_00000.parquet") + texts(data / prepare.VAL_FILENAME) == docs
+    assert texts(data / "shard_00000.parquet") + texts(data / paths.VAL_FILENAME) == docs
     assert temporaries(cache) == [], "links left at temporary names are swept, not followed"
     # A link planted at the very name drawn: created exclusively, so another name is drawn.
     names = iter(["aaaa", "bbbb"])
-    monkeypatch.setattr(prepare.secrets, "token_hex", lambda n: next(names))
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: next(names))
     (data / "x.json.aaaa.tmp").symlink_to(outside)
-    prepare._write_json(str(data / "x.json"), {"ok": 1})
+    files.write_json(str(data / "x.json"), {"ok": 1})
     assert outside.read_text() == "keep me" and json.loads((data / "x.json").read_text()) == {"ok": 1}
     assert os.path.islink(data / "x.json.aaaa.tmp") and not os.path.lexists(data / "x.json.bbbb.tmp")
 
 
 class FullDisk:
-    """Simulated ENOSPC: prepare's temporaries get `free` bytes in all, or none
-    at all when their name contains `only`."""
+    """Simulated ENOSPC: the cache's temporaries (autoresearch/files.py) get
+    `free` bytes in all, or none at all when their name contains `only`."""
 
     def __init__(self, free=None, only=None):
         self.free, self.only = free, only
@@ -282,7 +285,7 @@ def test_disk_full_is_one_line_with_the_space_needed_and_leaves_nothing(tmp_path
     mounted = small_filesystem(cache, 400 * 1024)  # room for one or two shards of the ~1 MB corpus
     try:
         if not mounted:
-            monkeypatch.setattr(prepare, "open", FullDisk(free=400 * 1024).open, raising=False)
+            monkeypatch.setattr(files, "open", FullDisk(free=400 * 1024).open, raising=False)
         message = fails(f"disk full in {cache / 'data'}: writing shard_0000", "MB free", run=lambda: prepare.main(
             ["--source", str(corpus_dir)]))
         assert "needs 0.3 MB" in message or "needs 0.2 MB" in message, message
@@ -300,12 +303,12 @@ def test_disk_full_at_any_step_stops_the_run(tmp_path, cache, monkeypatch, only,
     src = tmp_path / "src"
     text_source(src)
     with monkeypatch.context() as m:
-        m.setattr(prepare, "open", FullDisk(only=only).open, raising=False)
+        m.setattr(files, "open", FullDisk(only=only).open, raising=False)
         message = fails("disk full in", only, "needs more space", run=lambda: prepare.main(["--source", str(src)]))
     assert f"in {cache / folder}" in message, message
     assert temporaries(cache) == []
     prepare.main(["--source", str(src)])  # space again: the same command finishes the job
-    assert prepare.cached_val_rows(prepare.Tokenizer.from_directory(), 64, 8) is not None
+    assert tokencache.cached_val_rows(prepare.Tokenizer.from_directory(), 64, 8) is not None
 
 
 def test_ctrl_c_on_a_silent_server_exits_at_once(tmp_path):
@@ -333,9 +336,9 @@ def test_ctrl_c_on_a_silent_server_exits_at_once(tmp_path):
 def test_cache_root_that_is_a_file(tmp_path, cache):
     cache.write_text("not a folder")
     assert_clean_failure(run_prepare([], cache), f"cache root {cache} is (or lies under) a file")
-    prepare.set_cache_root(str(cache / "below"))
+    paths.set_cache_root(str(cache / "below"))
     fails("lies under) a file", run=lambda: prepare.main([]))
-    prepare.set_cache_root(str(tmp_path / "ok"))
+    paths.set_cache_root(str(tmp_path / "ok"))
     os.makedirs(tmp_path / "ok")
     (tmp_path / "ok" / "data").write_text("a file where data/ goes")
     fails(f"cache folder {tmp_path / 'ok' / 'data'} is (or lies under) a file", run=lambda: prepare.main([]))
@@ -376,11 +379,11 @@ def test_a_tiny_split_is_read_from_disk_once_and_packs_the_same_rows(tmp_path, c
     prepare.prepare(source=str(src))
     tok = prepare.Tokenizer.from_directory()
     reads = []
-    load = prepare.load_token_cache
-    monkeypatch.setattr(prepare, "load_token_cache", lambda *a: reads.append(1) or load(*a))
+    load = tokencache.load_token_cache
+    monkeypatch.setattr(tokencache, "load_token_cache", lambda *a: reads.append(1) or load(*a))
     rows = prepare.build_val_rows(tok, 64, 200)  # 2 documents, cycled
     assert len(reads) <= 2, f"the split was read {len(reads)} times"
-    monkeypatch.setattr(prepare, "_replay_small_split", lambda batches: batches)  # the plain walk
+    monkeypatch.setattr(tokencache, "replay_small_split", lambda batches, min_docs: batches)  # the plain walk
     assert (prepare.build_val_rows(tok, 64, 200) == rows).all()
     assert len(reads) > 100
 
@@ -391,7 +394,7 @@ def test_all_null_parquet_text_is_refused(tmp_path, cache):
     write_parquet(src / "a.parquet", corpus_documents(50, seed=1), row_group_size=20)
     for name, values in [("b.parquet", [None] * 30), ("c.parquet", ["", None, ""])]:
         pq.write_table(pa.table({"text": pa.array(values, type=pa.string())}), src / name, row_group_size=10)
-        fails(f"{src / name}: its column 'text' holds no documents", run=lambda: prepare.import_source(str(src)))
+        fails(f"{src / name}: its column 'text' holds no documents", run=lambda: import_source(str(src)))
         (src / name).unlink()
 
 
@@ -400,7 +403,7 @@ def test_small_validation_split_is_named_and_tiny_ones_refused(tmp_path, cache, 
     text_source(src, n_docs=60)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 65)  # one row
     prepare.prepare(source=str(src))
-    tokens, offsets, _ = prepare.load_token_cache(prepare.Tokenizer.from_directory(), prepare.list_shards("val")[0])
+    tokens, offsets, _ = tokencache.load_token_cache(prepare.Tokenizer.from_directory(), prepare.list_shards("val")[0])
     docs, n = len(offsets) - 1, len(tokens) - (len(offsets) - 1)
     assert "val split:" not in capsys.readouterr().out, "a split of EVAL_TOKENS or more is not mentioned"
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 4 * n)
@@ -425,12 +428,12 @@ def test_skipped_files_are_counted_by_extension_and_code_can_be_imported(tmp_pat
         (src / name).write_text(text)
     (src / "table.csv").write_text("a,b\n")
     (src / "Makefile").write_text("all:\n")
-    prepare.import_source(str(src))
+    import_source(str(src))
     out = capsys.readouterr().out
     assert f"in {src} (skipped files: 3 .py, 1 .csv, 1 with no extension)" in out and "--text-ext" in out
-    prepare.import_source(str(src), prepare.text_extensions(["PY"]))
+    import_source(str(src), text_extensions(["PY"]))
     out = capsys.readouterr().out
     assert "importing 33 documents from 33 files" in out and "(skipped files: 1 .csv, 1 with no extension)" in out
     imported = sum((texts(p) for p in prepare.list_shards("train") + prepare.list_shards("val")), [])
     assert sorted(imported) == sorted(docs + list(code.values()))
-    assert prepare.text_extensions(["py,.RS", "c", "py"]) == (".py", ".rs", ".c")
+    assert text_extensions(["py,.RS", "c", "py"]) == (".py", ".rs", ".c")

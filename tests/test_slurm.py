@@ -21,6 +21,8 @@ import pytest
 from slurm_cluster import INSTALL, SlurmCluster, missing_tools
 from test_spawn import REPO, git, make_sandbox, wait_for
 
+pytestmark = pytest.mark.slurm  # a one-node Slurm cluster: deselect with -m "not slurm"
+
 # What a worker's runs ask of the test node: no GPU, a short time limit.
 RUN_ARGS = "--time=00:10:00"
 
@@ -140,6 +142,7 @@ def test_stop_cancels_the_running_job(slurm_box, cluster):
 def test_smoke_training_run_through_slurm(tmp_path, request, cluster, prepared_cache):
     """program.md's run line, `$AUTORESEARCH_RUN uv run train.py > run.log 2>&1`, as a job."""
     files = [p.name for p in REPO.glob("*.py") if p.name != "analysis.py"] + ["pyproject.toml", "uv.lock"]
+    files += [str(p.relative_to(REPO)) for p in REPO.glob("autoresearch/*.py")]
     sb = slurm_sandbox(tmp_path, request, cluster, "smoke", files=files, venv=True)
     try:
         # uv must find the locked environment as it is: nothing to fetch.

@@ -64,6 +64,7 @@ class Sandbox:
         self.repo.mkdir()
         self.out.mkdir()
         for name in ("spawn.sh", *files):
+            (self.repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / name, self.repo / name)
         (self.repo / "program.md").write_text("# program\nRun experiments.\n")
         (self.repo / ".gitignore").write_text("worktrees/\nresults/\nresults.tsv\nrun.log\n.venv\n")

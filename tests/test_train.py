@@ -1,8 +1,9 @@
 """
 CPU tests for train.py: the model, MuonAdamW, the schedules, the training step,
 and the run end to end in smoke mode, also with the edits an agent makes that
-must stop the run (or work). Hermetic: no network, no ~/.cache. runtime.py's
-machinery has its own file, tests/test_runtime.py.
+must stop the run (or work). Hermetic: no network, no ~/.cache. The run's
+machinery in autoresearch/ has its own files, tests/test_runtime.py and
+tests/test_fused.py.
 
     uv run pytest tests/test_train.py          # about 2-3 minutes on 2 cores
     uv run pytest tests/test_train.py -k "not smoke"   # the fast part only
@@ -21,9 +22,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import runtime
 import train
+from autoresearch import attention
 from train import GPT, GPTConfig, MuonAdamW
+
+from helpers import tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,27 +34,6 @@ REPO = Path(__file__).resolve().parent.parent
 # =============================================================================
 # Helpers
 # =============================================================================
-
-def tiny_model(n_layer=2, n_embd=64, n_head=2, n_kv_head=None, vocab_size=97, sequence_len=32,
-               window_pattern="SL", seed=0):
-    torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                       n_kv_head=n_kv_head or n_head, n_embd=n_embd, window_pattern=window_pattern)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
-
-
-@pytest.fixture
-def sdpa_backend():
-    """The CPU backend, chosen for the test and restored afterwards."""
-    saved = runtime._backend
-    runtime.select_attention("cpu", "sdpa")
-    yield
-    runtime._backend = saved
-
 
 # =============================================================================
 # Model
@@ -352,15 +334,17 @@ def run_script(env_extra, timeout, code=None):
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_import_builds_nothing():
-    code = ("import sys, train, runtime, torch; "
-            "assert runtime._backend is None and not runtime._block_masks; "
+    code = ("import sys, train, torch; from autoresearch import attention; "
+            "assert attention._backend is None and not attention._block_masks; "
             "assert not torch.cuda.is_initialized(); print('ok')")
     result = run_script({}, timeout=120, code=code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine trains for real")
 def test_without_cuda_and_without_smoke_exits_with_one_line():
     result = run_script({}, timeout=120)
@@ -386,6 +370,7 @@ def parse_summary(stdout):
     return lines[start - 1], summary
 
 
+@pytest.mark.slow
 def test_missing_data_names_the_prepare_command(tmp_path):
     result = run_script({"AUTORESEARCH_SMOKE": "1", "AUTORESEARCH_CACHE": str(tmp_path)}, timeout=120)
     assert result.returncode != 0
@@ -393,6 +378,7 @@ def test_missing_data_names_the_prepare_command(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(prepared_cache):
     """The whole script on this machine: tiny model, a fixed number of steps."""
     result = run_script({"AUTORESEARCH_SMOKE": "1", "AUTORESEARCH_CACHE": str(prepared_cache),
@@ -403,8 +389,8 @@ def test_smoke_run_end_to_end(prepared_cache):
     assert re.search(r"^data: +val=\w+ tokenizer=\w+ train_shards=\d+", out, re.M), out[:2000]
     # smoke mode names every setting it replaces, so nobody mistakes it for a test of their edit
     smoke = re.search(r"^smoke: +(.*)$", out, re.M).group(1)
-    for name in train.SMOKE_SETTINGS:
-        assert f"{name} " in smoke, smoke
+    names = [change.split()[0] for change in smoke.split(" (and from")[0].split(", ")]
+    assert names == ["DEPTH", "ASPECT_RATIO", "HEAD_DIM", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE", "TIME_BUDGET"]
     assert "DEPTH 8 -> 2" in smoke and "DEVICE_BATCH_SIZE 128 -> 4" in smoke
     # the progress line, one `\r` update per step (text mode turns each `\r` into a newline)
     assert re.search(r"^step 00011 \(\d+\.\d%\) \| loss: \d+\.\d+ \| lrm: ", out, re.M), out[:3000]
@@ -419,6 +405,7 @@ def test_smoke_run_end_to_end(prepared_cache):
     assert float(summary["total_tokens_M"]) == pytest.approx(train.SMOKE_STEPS * 4 * 256 / 1e6, abs=0.05)
 
 
+@pytest.mark.slow
 def test_smoke_runs_are_repeatable(prepared_cache):
     """A fixed number of steps: two smoke runs of one commit give the same val_bpb on a CPU."""
     env = {"AUTORESEARCH_SMOKE": "1", "AUTORESEARCH_CACHE": str(prepared_cache)}
@@ -508,8 +495,13 @@ def test_an_optimizer_edit_with_a_step_dependent_branch_takes_effect(sdpa_backen
 # =============================================================================
 
 def run_edited(tmp_path, cache, edits):
-    """Copy the project's Python files to tmp_path, apply {file: [(old, new), ...]}, run a smoke train.py."""
-    for name in ("train.py", "prepare.py", "constants.py", "runtime.py"):
+    """Copy the project's Python files (the package's too) to tmp_path, apply {file: [(old, new), ...]},
+    run a smoke train.py."""
+    names = ["train.py", "prepare.py", "constants.py",
+             *(path.relative_to(REPO).as_posix() for path in sorted((REPO / "autoresearch").glob("*.py")))]
+    assert set(edits) <= set(names), f"no such file to edit: {set(edits) - set(names)}"
+    (tmp_path / "autoresearch").mkdir()
+    for name in names:
         text = (REPO / name).read_text()
         for old, new in edits.get(name, []):
             assert old in text, f"{name} no longer contains {old!r}: update the test"
@@ -525,6 +517,7 @@ def first_timed_step(stdout):
     return f"step {train.UNTIMED_STEPS:05d}" in stdout
 
 
+@pytest.mark.slow
 def test_a_parameter_outside_the_optimizer_stops_the_run(tmp_path, prepared_cache):
     result = run_edited(tmp_path, prepared_cache, {"train.py": [(
         "        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))\n",
@@ -535,6 +528,7 @@ def test_a_parameter_outside_the_optimizer_stops_the_run(tmp_path, prepared_cach
     assert "Traceback" not in result.stderr and not first_timed_step(result.stdout)
 
 
+@pytest.mark.slow
 def test_a_crash_in_the_evaluation_path_shows_before_the_first_timed_step(tmp_path, prepared_cache):
     result = run_edited(tmp_path, prepared_cache, {"train.py": [(
         '        return mean_loss if reduction == "mean" else per_token\n',
@@ -543,10 +537,11 @@ def test_a_crash_in_the_evaluation_path_shows_before_the_first_timed_step(tmp_pa
     assert not first_timed_step(result.stdout) and "step 00001" not in result.stdout
 
 
+@pytest.mark.slow
 def test_attention_without_its_causal_mask_stops_the_run(tmp_path, prepared_cache):
     """A model that sees the future would report a much better val_bpb: it must FAIL instead."""
     result = run_edited(tmp_path, prepared_cache, {"train.py": [(
-        "from runtime import attention  #",
+        "from autoresearch.attention import attention  #",
         "def attention(q, k, v, window_size):  # an agent's attention that forgot the mask\n"
         "    q, k, v = (t.transpose(1, 2) for t in (q, k, v))\n"
         "    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)\n#")]})
@@ -556,7 +551,8 @@ def test_attention_without_its_causal_mask_stops_the_run(tmp_path, prepared_cach
     assert not first_timed_step(result.stdout) and "val_bpb:" not in result.stdout
 
 
-@pytest.mark.parametrize("name", ["constants.py", "prepare.py", "runtime.py"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["constants.py", "prepare.py", "autoresearch/kernels.py"])
 def test_an_edited_harness_file_stops_the_run(tmp_path, prepared_cache, name):
     result = run_edited(tmp_path, prepared_cache, {name: [('"""', '"""\n# an innocent-looking edit\n')]})
     assert result.returncode == 1
@@ -565,6 +561,7 @@ def test_an_edited_harness_file_stops_the_run(tmp_path, prepared_cache, name):
     assert "Traceback" not in result.stderr and "step 00000" not in result.stdout
 
 
+@pytest.mark.slow
 def test_a_micro_batch_that_does_not_fit_is_lowered_and_the_run_completes(tmp_path, prepared_cache):
     """A simulated out-of-memory above 2 rows: the run fits itself, says so, and trains the same tokens."""
     result = run_edited(tmp_path, prepared_cache, {"train.py": [(

@@ -1,0 +1,29 @@
+"""
+The fixed machinery behind prepare.py and train.py. DO NOT MODIFY.
+
+Agents do not need to read this package: prepare.py is the contract (the data,
+the tokenizer, the loader and the evaluation) and train.py is the research.
+What lives here is operational, one concern per module, each opening with what
+it holds and who may import it. Nothing here imports train.py or prepare.py.
+
+    attention.py  the attention backends (FA4 / FA3 / FlexAttention / SDPA), chosen once
+    kernels.py    the fused pieces: plain definitions first, their Triton kernels below
+    gpu.py        the device, its bf16 peak, fitting the micro-batch to memory, evaluation on
+                  the compiled training graphs
+    guards.py     checks that stop a run whose edit would not take effect, or that diverged
+    report.py     the lines a run prints: identity, overhead, the summary block after `---`
+
+    paths.py      where the prepared data lives: the cache root and its folders, the shard
+                  files and the two splits (list_shards)
+    files.py      file safety: writes through exclusive temporaries renamed into place, a full
+                  disk in one line, json / sha256 / parquet reading, the cache lock; PrepareError
+    download.py   fetching the data shards: parallel, retried with back-off, footers checked
+    source.py     the --source import of local data, and the choice between it and the download
+    tokenizer_training.py
+                  training the BPE tokenizer (rustbpe) and keeping tokenizer.pkl, token_bytes.pt
+                  and their manifest
+    tokencache.py the token cache, the stored validation rows and the validation split's size check
+    prefetch.py   the loader's background thread: pinned buffers, copies to the device
+    manifest.py   the cache manifest: fingerprints of the data, the tokenizer and every fixed file,
+                  and the checks verify_data runs
+"""

@@ -1,0 +1,361 @@
+"""
+The model's fused pieces: their plain PyTorch definitions, then Triton kernels that
+compute the same in fewer passes over memory. DO NOT MODIFY.
+
+    rotary_norm               rotary embedding, then RMSNorm, of q or k (QK-norm)
+    softcapped_cross_entropy  lm_head, soft-capped logits, per-token cross-entropy, and
+                              in the same pass the gradient of each token's loss
+
+Read this file down to the banner "Below: the kernels": what is above it, the plain
+definitions, is what the model computes. Below it is machinery an experiment need not
+read: the Triton kernels as custom ops, pinned to the plain definitions by the tests,
+and the one decision `fused_kernels()` (kernels or plain), made once, at import. The
+plain versions run where the kernels cannot (a CPU, no Triton, AUTORESEARCH_FUSED=0).
+train.py imports the pieces and may replace any of them with its own; this module
+imports nothing of the project.
+"""
+
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def rotary_norm_plain(x, cos, sin):
+    """Rotary embedding, then RMSNorm over each head: the definition.
+
+    x: (B, T, H, D); cos, sin: (1, T, 1, D/2). The first half of each head's channels is
+    rotated against the second half by the position's angles, then the head is scaled to
+    unit RMS (no learned weight). Returns (B, T, H, D) in x's dtype.
+    """
+    d = x.size(3) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    rotated = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=3)
+    return F.rms_norm(rotated, (x.size(-1),))
+
+
+def softcapped_logits(x, weight, cap):
+    """lm_head, then float32 logits soft-capped to ±cap: cap·tanh(logits / cap). (..., vocab)"""
+    logits = F.linear(x, weight).float()
+    return cap * torch.tanh(logits / cap)
+
+
+def softcapped_cross_entropy_plain(x, weight, targets, cap):
+    """Per-token cross-entropy in nats of the soft-capped logits: the definition.
+
+    x: (B, T, C) the final normed hidden state; weight: (vocab, C); targets: (B, T), -1 is
+    ignored (loss 0). Returns (B*T,) float32.
+    """
+    logits = softcapped_logits(x, weight, cap)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
+
+# =============================================================================
+# Below: the kernels (machinery: the plain definitions above say what they compute)
+# =============================================================================
+
+_fused = None   # (bool, why) once fused_kernels() has decided
+_interpret = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: kernels on any device
+_kernels = {}   # name -> Triton kernel, defined on first use (importing Triton takes a while)
+_tanh = None    # the kernels' tanh, a Triton function: a module global, where Triton looks helpers up
+
+
+def fused_kernels():
+    """(True, what) when the Triton kernels may run, else (False, why not).
+
+    Decided once, when this module is imported (below), so that no compiled graph ever
+    traces the decision: torch.compile cannot trace `find_spec` and would split the
+    model's graph there. Kernels run on CUDA tensors, and anywhere under Triton's CPU
+    interpreter (TRITON_INTERPRET=1, as the tests run them)."""
+    global _fused
+    if _fused is None:
+        setting = os.environ.get("AUTORESEARCH_FUSED", "1")
+        if setting not in ("0", "1"):  # a user's setting: one line, not a traceback
+            raise SystemExit(f"fused: AUTORESEARCH_FUSED={setting!r}: use 1 (Triton kernels) or 0 (plain PyTorch)")
+        if setting == "0":
+            _fused = (False, "AUTORESEARCH_FUSED=0")
+        elif importlib.util.find_spec("triton") is None:
+            _fused = (False, "Triton is not installed")
+        else:
+            _fused = (True, "Triton kernels")
+    return _fused
+
+
+def fused_line(device):
+    """The `fused:` identity line for a run on `device`: which pieces run as kernels, or why none do."""
+    on, why = fused_kernels()
+    if on and torch.device(device).type != "cuda" and not _interpret:
+        on, why = False, "no CUDA device"
+    return f"rotary_norm, softcapped_cross_entropy ({why})" if on else f"none, plain PyTorch ({why})"
+
+
+def _use_kernels(x):
+    return _fused[0] and (x.is_cuda or _interpret)
+
+
+def _compute_dtype(x):
+    """The dtype autocast would run a matmul on x in: what the plain version computes in."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _triton_kernels():
+    """Define the Triton kernels once, on first use."""
+    global _tanh
+    if _kernels:
+        return _kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tanh(u, SERIES: tl.constexpr):
+        # 2 / (1 + exp(-2u)) - 1 has an absolute error of ~1e-7, which a large cap magnifies
+        # (cap·tanh(logit / cap)); under caps above CE_SERIES_CAP, |u| < 0.02 takes the series
+        # to u⁵ instead (error < 1e-13). Both stay under 1e-5 relative, far below bf16 logits'.
+        t = 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+        if SERIES:
+            u2 = u * u
+            t = tl.where(tl.abs(u) < 0.02, u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0))), t)
+        return t
+
+    _tanh = tanh
+
+    @triton.jit
+    def rotary_norm_fwd(x_ptr, cos_ptr, sin_ptr, y_ptr, rstd_ptr, n_rows, heads, T, eps,
+                        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+        # rows of x are (token, head) pairs of one head's D = 2·HALF channels
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_H)
+        mask = (rows < n_rows)[:, None] & (cols < HALF)[None, :]
+        at = rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
+        table = ((rows // heads) % T)[:, None] * HALF + cols[None, :]  # the token's position
+        x1 = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        r1 = x1 * c + x2 * s
+        r2 = x2 * c - x1 * s
+        rstd = 1.0 / tl.sqrt((tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1)) / (2 * HALF) + eps)
+        tl.store(y_ptr + at, (r1 * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + at + HALF, (r2 * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+
+    @triton.jit
+    def rotary_norm_bwd(dy_ptr, y_ptr, rstd_ptr, cos_ptr, sin_ptr, dx_ptr, n_rows, heads, T,
+                        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_H)
+        mask = (rows < n_rows)[:, None] & (cols < HALF)[None, :]
+        at = rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
+        table = ((rows // heads) % T)[:, None] * HALF + cols[None, :]
+        dy1 = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        dy2 = tl.load(dy_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        y1 = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        y2 = tl.load(y_ptr + at + HALF, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)[:, None]
+        c = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32)
+        # RMSNorm backward from its output y = r·rstd: dr = rstd·(dy - y·mean(dy·y))
+        mean_dy_y = ((tl.sum(dy1 * y1, axis=1) + tl.sum(dy2 * y2, axis=1)) / (2 * HALF))[:, None]
+        dr1 = rstd * (dy1 - y1 * mean_dy_y)
+        dr2 = rstd * (dy2 - y2 * mean_dy_y)
+        # the rotation's transpose
+        tl.store(dx_ptr + at, (dr1 * c - dr2 * s).to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + at + HALF, (dr1 * s + dr2 * c).to(dx_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def softcapped_ce(logits_ptr, targets_ptr, losses_ptr, cap, V: tl.constexpr, WITH_GRAD: tl.constexpr,
+                      CHUNK: tl.constexpr, SERIES: tl.constexpr):
+        # One row of logits per program. A row that fits one CHUNK is held in registers: read
+        # once, written once. A longer row takes two passes: a running max and sum over its
+        # chunks, then the gradient chunk by chunk.
+        row = tl.program_id(0).to(tl.int64)
+        target = tl.load(targets_ptr + row)
+        valid = (target >= 0) & (target < V)
+        # -1 is ignored: loss 0, no gradient. Any other target outside the vocabulary is a NaN
+        # loss (the run's loss check stops it) where the plain version raises.
+        bad = tl.where(target == -1, 0.0, float("nan"))
+        # the target's logit, read before any gradient is written over it
+        target_z = cap * _tanh(tl.load(logits_ptr + row * V + tl.where(valid, target, 0)).to(tl.float32) / cap, SERIES)
+        cols = tl.arange(0, CHUNK)
+        if CHUNK >= V:
+            at = logits_ptr + row * V + cols
+            t = _tanh(tl.load(at, mask=cols < V, other=0.0).to(tl.float32) / cap, SERIES)
+            z = tl.where(cols < V, cap * t, float("-inf"))
+            m = tl.max(z, axis=0)
+            e = tl.exp(z - m)
+            total = tl.sum(e, axis=0)
+            lse = m + tl.log(total)
+            if WITH_GRAD:
+                # d loss / d logit = (softmax - one-hot) · (1 - tanh²), written over the logits
+                grad = (e * (1.0 / total) - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t)
+                tl.store(at, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=cols < V)
+        else:
+            m = tl.max(tl.full((CHUNK,), float("-inf"), tl.float32), axis=0)
+            total = tl.sum(tl.zeros((CHUNK,), tl.float32), axis=0)
+            for start in range(0, V, CHUNK):
+                logits = tl.load(logits_ptr + row * V + start + cols, mask=start + cols < V, other=0.0)
+                z = tl.where(start + cols < V, cap * _tanh(logits.to(tl.float32) / cap, SERIES), float("-inf"))
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                total = total * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(total)
+            if WITH_GRAD:
+                for start in range(0, V, CHUNK):
+                    at = logits_ptr + row * V + start + cols
+                    t = _tanh(tl.load(at, mask=start + cols < V, other=0.0).to(tl.float32) / cap, SERIES)
+                    grad = (tl.exp(cap * t - lse) - tl.where(start + cols == target, 1.0, 0.0)) * (1.0 - t * t)
+                    tl.store(at, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=start + cols < V)
+        tl.store(losses_ptr + row, tl.where(valid, lse - target_z, bad))
+
+    _kernels.update(rotary_norm_fwd=rotary_norm_fwd, rotary_norm_bwd=rotary_norm_bwd, softcapped_ce=softcapped_ce)
+    return _kernels
+
+
+# --- rotary_norm ----------------------------------------------------------------
+
+ROTARY_ROWS = 16   # (token, head) rows per program: 16 x 128 channels keeps 4 warps busy
+
+
+def _rms_eps(dtype):
+    # F.rms_norm's default: the epsilon of the dtype it computes in (float32 for 16-bit inputs)
+    return torch.finfo(torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype).eps
+
+
+def _rotary_norm_grid(n_rows):
+    return (-(-n_rows // ROTARY_ROWS),)
+
+
+@torch.library.custom_op("autoresearch::rotary_norm", mutates_args=())
+def _rotary_norm_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, H, D = x.shape
+    y = torch.empty_like(x)
+    rstd = torch.empty(B * T * H, dtype=torch.float32, device=x.device)
+    _triton_kernels()["rotary_norm_fwd"][_rotary_norm_grid(B * T * H)](
+        x, cos, sin, y, rstd, B * T * H, H, T, _rms_eps(x.dtype),
+        HALF=D // 2, BLOCK_H=1 << (D // 2 - 1).bit_length(), BLOCK_R=ROTARY_ROWS)
+    return y, rstd
+
+
+@_rotary_norm_op.register_fake
+def _(x, cos, sin):
+    B, T, H, _ = x.shape
+    return torch.empty_like(x), x.new_empty(B * T * H, dtype=torch.float32)
+
+
+@torch.library.custom_op("autoresearch::rotary_norm_backward", mutates_args=())
+def _rotary_norm_backward_op(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor) -> torch.Tensor:
+    B, T, H, D = y.shape
+    dx = torch.empty_like(y)
+    _triton_kernels()["rotary_norm_bwd"][_rotary_norm_grid(B * T * H)](
+        dy, y, rstd, cos, sin, dx, B * T * H, H, T,
+        HALF=D // 2, BLOCK_H=1 << (D // 2 - 1).bit_length(), BLOCK_R=ROTARY_ROWS)
+    return dx
+
+
+@_rotary_norm_backward_op.register_fake
+def _(dy, y, rstd, cos, sin):
+    return torch.empty_like(y)
+
+
+def _rotary_norm_setup(ctx, inputs, output):
+    _, cos, sin = inputs
+    y, rstd = output
+    ctx.save_for_backward(y, rstd, cos, sin)  # the output, not the input: attention keeps y anyway
+    ctx.set_materialize_grads(False)  # no zeros for rstd's "gradient"
+
+
+def _rotary_norm_backward(ctx, dy, drstd):
+    if dy is None:  # y itself was not used
+        return None, None, None
+    y, rstd, cos, sin = ctx.saved_tensors
+    return _rotary_norm_backward_op(dy.contiguous(), y, rstd, cos, sin), None, None
+
+
+_rotary_norm_op.register_autograd(_rotary_norm_backward, setup_context=_rotary_norm_setup)
+
+
+def rotary_norm(x, cos, sin):
+    """`rotary_norm_plain(x, cos, sin)` as one kernel each way: read q (or k) once, write once.
+
+    torch.compile makes it a forward pass and a slower backward pass that recomputes the
+    rotation; here the backward starts from the saved output (which attention keeps
+    anyway), so the input need not be kept. Same shapes and dtype as the plain version.
+    """
+    B, T, H, D = x.shape
+    if (not _use_kernels(x) or D % 2 or cos.requires_grad or sin.requires_grad or cos.device != x.device
+            or sin.device != x.device or cos.dtype != x.dtype or sin.dtype != x.dtype):
+        return rotary_norm_plain(x, cos, sin)  # what the kernel does not cover: the definition, as written
+    assert cos.shape == sin.shape == (1, T, 1, D // 2), f"rotary tables {tuple(cos.shape)}: want (1, {T}, 1, {D // 2})"
+    return _rotary_norm_op(x.contiguous(), cos.reshape(T, D // 2).contiguous(), sin.reshape(T, D // 2).contiguous())[0]
+
+# --- softcapped_cross_entropy ---------------------------------------------------
+
+CE_CHUNK = 8192   # logits per row held in registers at once: a vocabulary up to this is one pass
+CE_WARPS = 8      # warps per row: 8 x 32 threads hold 8,192 logits at 32 each
+CE_SERIES_CAP = 64.0  # above this soft-cap, tanh near 0 by its series (see the kernel); below, not needed
+
+
+@torch.library.custom_op("autoresearch::softcapped_cross_entropy", mutates_args=())
+def _softcapped_ce_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
+                      with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = x @ weight.t()  # (N, V), overwritten by each token's loss gradient when with_grad
+    losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+    V = logits.size(1)
+    _triton_kernels()["softcapped_ce"][(x.size(0),)](
+        logits, targets, losses, cap, V=V, WITH_GRAD=with_grad, CHUNK=min(CE_CHUNK, 1 << (V - 1).bit_length()),
+        SERIES=cap > CE_SERIES_CAP, num_warps=CE_WARPS)
+    return losses, logits if with_grad else logits.new_empty(0)
+
+
+@_softcapped_ce_op.register_fake
+def _(x, weight, targets, cap, with_grad):
+    N, V = x.size(0), weight.size(0)
+    return x.new_empty(N, dtype=torch.float32), x.new_empty((N, V) if with_grad else (0,))
+
+
+def _softcapped_ce_setup(ctx, inputs, output):
+    x, weight, *_ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    # the gradient buffer is internal: autograd must not hand the backward a (B*T, vocab)
+    # tensor of zeros as its "gradient" (4 GiB allocated and written for nothing)
+    ctx.set_materialize_grads(False)
+
+
+def _softcapped_ce_backward(ctx, dlosses, _):
+    # each token's loss depends on its own row only: dlogits = dlosses[:, None] * grad,
+    # with the per-row scale moved onto the small (N, C) sides of the two matmuls
+    if dlosses is None:
+        return None, None, None, None, None
+    x, weight, grad = ctx.saved_tensors
+    scale = dlosses[:, None]
+    dx = ((grad @ weight).float() * scale).to(x.dtype) if ctx.needs_input_grad[0] else None
+    dweight = grad.t() @ (x.float() * scale).to(x.dtype) if ctx.needs_input_grad[1] else None
+    return dx, dweight, None, None, None
+
+
+_softcapped_ce_op.register_autograd(_softcapped_ce_backward, setup_context=_softcapped_ce_setup)
+
+
+def softcapped_cross_entropy(x, weight, targets, cap):
+    """`softcapped_cross_entropy_plain` with the logits made and used in one pass.
+
+    The plain version writes the (B*T, vocab) logits, reads them for the loss, reads them
+    again in the backward and writes their gradient: four passes over the largest tensor
+    of the step. Here one kernel reads each row once and writes the gradient of that
+    token's loss over it (the backward only scales rows), and the backward never holds
+    the logits and their gradient at once. Same result, float32 (B*T,).
+    """
+    if not _use_kernels(x) or targets.device != x.device or weight.device != x.device:
+        return softcapped_cross_entropy_plain(x, weight, targets, cap)
+    dtype = _compute_dtype(x)
+    with_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    x = x.reshape(-1, x.size(-1)).to(dtype)
+    targets = targets.reshape(-1).contiguous()
+    assert targets.numel() == x.size(0), f"{targets.numel()} targets for {x.size(0)} positions"
+    return _softcapped_ce_op(x, weight.to(dtype), targets, float(cap), with_grad)[0]
+
+
+fused_kernels()  # at import: see its docstring
