@@ -25,6 +25,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SPAWN = REPO / "spawn.sh"
+LAUNCHER = ("spawn.sh", "autoresearch/launch.py", "autoresearch/board.py")  # what spawn.sh needs
 PROMPT = "Read program.md and follow the instructions."
 
 STAND_IN = r"""#!/usr/bin/env bash
@@ -63,7 +64,8 @@ class Sandbox:
         self.socket = socket
         self.repo.mkdir()
         self.out.mkdir()
-        for name in ("spawn.sh", *files):
+        for name in (*LAUNCHER, *files):
+            (self.repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / name, self.repo / name)
         (self.repo / "program.md").write_text("# program\nRun experiments.\n")
         (self.repo / ".gitignore").write_text("worktrees/\nresults/\nresults.tsv\nrun.log\n.venv\n")
@@ -101,12 +103,7 @@ class Sandbox:
             tool.chmod(0o755)
 
     def close(self):
-        """Our watchers only (by their pid files), then our private tmux server."""
-        for pidfile in (self.repo / "worktrees").glob(".watcher-*.pid"):
-            try:
-                os.kill(int(pidfile.read_text()), 15)
-            except (ValueError, ProcessLookupError):
-                pass
+        """Our private tmux server (the watchers are windows of its sessions)."""
         self.tmux("kill-server")
         # tmux leaves the socket file behind; it lives where `tmux -L` puts it.
         tmux_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
@@ -132,8 +129,9 @@ class Sandbox:
         return sorted(p.name for p in (self.repo / "worktrees").glob("gpu*")) if (self.repo / "worktrees").exists() else []
 
     def watcher_pid(self, tag):
-        f = self.repo / "worktrees" / f".watcher-{tag}.pid"
-        return int(f.read_text()) if f.exists() else None
+        """The pid of the watcher: the process of the session's window 'watcher'."""
+        out = self.tmux("list-panes", "-t", f"=autoresearch-{tag}:watcher", "-F", "#{pane_pid}").stdout.strip()
+        return int(out) if out.isdigit() else None
 
     def report(self, gpu, timeout=10.0):
         """What the stand-in on <gpu> wrote: (CUDA_VISIBLE_DEVICES, cwd, prompt)."""
@@ -199,8 +197,8 @@ def test_launch_status_stop(sb):
         # program.md's run command starts right there: an empty (not unset) prefix.
         assert (sb.out / f"run{gpu}").read_text() == "\n"
 
-    # One session, one pane per worker, and a watcher in the background.
-    panes = sb.tmux("list-panes", "-s", "-t", "=autoresearch-night1", "-F", "#{@worker}").stdout.splitlines()
+    # One session: a window of one pane per worker, and the watcher's window.
+    panes = sb.tmux("list-panes", "-t", "=autoresearch-night1:workers", "-F", "#{@worker}").stdout.splitlines()
     assert sorted(panes) == ["gpu0 alpha autoresearch/night1-gpu0", "gpu2 beta autoresearch/night1-gpu2"]
     pid = sb.watcher_pid("night1")
     assert pid is not None and alive(pid)
@@ -285,7 +283,7 @@ def test_agent_command_lines(sb, tmp_path):
         tool.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" {name} "$@" > "{sb.out}/argv$CUDA_VISIBLE_DEVICES"\nsleep 600\n')
         tool.chmod(0o755)
     r = sb.spawn("launch", "n10", "claude:0", "opus:1", "codex:2", AUTORESEARCH_AGENT_CMD="",
-                 CLAUDE_MODEL="haiku", PATH=f"{fake_bin}:{os.environ['PATH']}")
+                 CLAUDE_MODEL="haiku", PATH=f"{fake_bin}:{sb.env['PATH']}")
     assert r.returncode == 0, r.stderr
     prompt = PROMPT
     expected = {
@@ -379,20 +377,26 @@ def test_pane_reports_when_the_agent_exits(sb, tmp_path):
 # Environment errors
 # =============================================================================
 
+def copy_launcher(folder):
+    for name in LAUNCHER:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, folder / name)
+
+
 def test_not_inside_a_git_repo(tmp_path):
-    shutil.copy(SPAWN, tmp_path / "spawn.sh")
+    copy_launcher(tmp_path)
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path.parent))
     r = subprocess.run(["bash", "spawn.sh", "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 1 and "not inside a git repository" in r.stderr
 
 
 def test_missing_tmux(tmp_path):
-    # A PATH with bash and git but no tmux.
+    # A PATH with bash, git and python3 but no tmux.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("bash", "git"):
+    for tool in ("bash", "git", "python3"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    shutil.copy(SPAWN, tmp_path / "spawn.sh")
+    copy_launcher(tmp_path)
     r = subprocess.run([str(bin_dir / "bash"), "spawn.sh", "status"], cwd=tmp_path,
                        env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, capture_output=True, text=True)
     assert r.returncode == 1 and "tmux not found" in r.stderr
@@ -427,12 +431,22 @@ def test_missing_agent_program_is_refused(sb, agent_cmd, worker, program):
     assert_nothing_made(sb, "n12")
 
 
-def test_missing_nvidia_smi_is_a_warning(sb):
-    sb.fake_nvidia_smi(None)
-    r = sb.spawn("launch", "n13", "a:5")
-    assert r.returncode == 0, r.stderr
-    assert "warning: nvidia-smi not found" in r.stderr
-    assert sb.report(5)[0] == "5"
+@pytest.mark.parametrize("n_gpus, workers, message", [
+    (None, ["a:5"], "no GPU: nvidia-smi not found"),        # before: a warning, and GPU 5 bound anyway
+    (0, ["a:0", "a:1"], "no GPU: nvidia-smi lists none"),
+    ("fail", ["a:0"], "no GPU: nvidia-smi -L failed"),
+    (None, [f"a:{i}" for i in range(64)], "no GPU: nvidia-smi not found"),
+])
+def test_no_gpu_is_refused(sb, n_gpus, workers, message):
+    if n_gpus == "fail":
+        (sb.bin / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    else:
+        sb.fake_nvidia_smi(n_gpus)
+    r = sb.spawn("launch", "n13", *workers)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "--slurm" in lines[0], r.stderr
+    assert_nothing_made(sb, "n13")
 
 
 @pytest.mark.parametrize("worker, message", [
