@@ -312,8 +312,9 @@ def _age(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m"
 
 
-def _result(row):
-    return f"{row['val_bpb']:.6f}  {row['worker']:<6} {row['commit']:<8} {row['description'][:60]}"
+def _result(row, worker=True):
+    who = f"{row['worker']:<6} " if worker else ""
+    return f"{row['val_bpb']:.6f}  {who}{row['commit']:<8} {row['description'][:60]}"
 
 
 def format_standing(st, label):
@@ -334,7 +335,7 @@ def format_standing(st, label):
                          f"(> {st['threshold']}): git reset --hard {a['commit']} && bash spawn.sh board post adopt")
     else:
         for name, w in st["workers"].items():
-            lines.append(f"  {name:<6} best {_result(w['best'])}" if w["best"] else f"  {name:<6} no result yet")
+            lines.append(f"  {name:<6} best {_result(w['best'], False)}" if w["best"] else f"  {name:<6} no result yet")
     if st["running"]:
         lines.append("running:")
         for r in st["running"]:
@@ -472,7 +473,7 @@ def main(argv=None, env=None, root="."):
         if not path.is_file():
             raise BoardError(f"no board at {path}: spawn.sh launch makes it")
         entries, warnings = read(path)
-        st = standing(entries, args.worker)
+        st = standing(entries, args.worker or None)
         if args.json:
             print(json.dumps(dict(st, board=str(path), warnings=warnings), indent=1))
         else:

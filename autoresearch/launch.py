@@ -624,6 +624,7 @@ def end_processes(m, grace):
 
 def say_ended(ended, grace):
     if not ended:
+        log("no process of the night outlived its session")
         return
     names = [f"{pid} {name}" for pid, (name, _) in sorted(ended.items())]
     listed = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")

@@ -264,7 +264,7 @@ def test_json_has_no_nan_or_infinity(tmp_path):
     assert s["baseline"]["memory_gb"] is None and s["best"]["memory_gb"] is None
     assert (s["experiments"], s["kept"], s["crashed"]) == (3, 1, 2)
     assert "memory_gb nan is not a finite number; read as unknown" in r.stderr
-    assert f"{path}:6: status discard with val_bpb inf; skipped" in r.stderr
+    assert f"{path}:6: status discard with val_bpb inf: a result needs a finite val_bpb > 0" in r.stderr
     assert "1.000000  (#0 a, ? GB) baseline" in run_cli(path).stdout
 
 

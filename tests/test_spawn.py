@@ -34,6 +34,7 @@ out=$1
 report="$out/gpu$CUDA_VISIBLE_DEVICES.txt"
 printf '%s\n' "${AUTORESEARCH_CACHE-unset}" > "$out/cache$CUDA_VISIBLE_DEVICES"
 printf '%s\n' "${AUTORESEARCH_RUN-unset}" > "$out/run$CUDA_VISIBLE_DEVICES"
+env -0 > "$out/env$CUDA_VISIBLE_DEVICES"
 printf '%s\n%s\n%s\n' "$CUDA_VISIBLE_DEVICES" "$PWD" "${!#}" > "$report.tmp"
 mv "$report.tmp" "$report"
 [[ -f results.tsv ]] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\n' > results.tsv
@@ -539,3 +540,207 @@ def test_readme_gives_one_agent_the_prompt_launch_gives(sb):
     assert prompts == [PROMPT], prompts
     assert sb.spawn("launch", "n20", "a:0").returncode == 0
     assert sb.report(0)[2] == PROMPT
+
+
+# =============================================================================
+# The launcher in Python (issue 21) and round three of faults (issue 22)
+# =============================================================================
+
+def running(pid):
+    """Alive and not a zombie (a killed child that nobody reaped yet is gone for our purposes)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in "ZX"
+
+
+def test_the_watcher_is_a_window_of_the_session(sb):
+    assert sb.spawn("launch", "n30", "a:0").returncode == 0
+    pid = sb.watcher_pid("n30")
+    assert pid is not None and running(pid)
+    windows = sb.tmux("list-windows", "-t", "=autoresearch-n30", "-F", "#{window_name} #{window_active}").stdout
+    assert windows.split("\n")[:2] == ["workers 1", "watcher 0"]   # the panes show; the watcher is aside
+    # Before: a nohup'ed process that outlived the session by up to WATCH_INTERVAL.
+    sb.tmux("kill-session", "-t", "=autoresearch-n30")
+    wait_for(lambda: not running(pid), 5, "the watcher outlived its session")
+
+
+HOARDER = r"""#!/usr/bin/env bash
+# Stand-in agent that leaves things in its worktree: notes, a plot, a log, caches, an uncommitted edit.
+out=$1
+printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\n' > results.tsv
+printf 'what I learnt\n' > notes.md
+mkdir -p plots/night __pycache__
+printf 'PNG' > plots/night/progress.png
+printf 'log\n' > run.log
+printf 'cache' > __pycache__/train.cpython-311.pyc
+printf 'edited, never committed\n' >> program.md
+touch "$out/ready"
+sleep 600
+"""
+
+
+def test_stop_keeps_a_workers_untracked_files(tmp_path, request):
+    sb = make_sandbox(tmp_path, request, agent_script=HOARDER)
+    try:
+        assert sb.spawn("launch", "n31", "a:0").returncode == 0
+        wait_for((sb.out / "ready").exists, 10, "the stand-in never got ready")
+        r = sb.spawn("stop", "n31")
+        assert r.returncode == 0, r.stderr
+        kept = sb.repo / "results" / "n31-gpu0"
+        assert (kept / "notes.md").read_text() == "what I learnt\n"    # before: deleted without a word
+        assert (kept / "plots" / "night" / "progress.png").read_text() == "PNG"
+        assert (kept / "run.log").is_file() and (sb.repo / "results" / "n31-gpu0.tsv").is_file()
+        assert "+edited, never committed" in (kept / "uncommitted.diff").read_text()
+        assert not (kept / "__pycache__").exists() and not (kept / ".venv").exists()
+        assert (sb.repo / ".venv" / "marker").exists()
+        assert "kept in results/n31-gpu0/: 3 untracked file(s)" in r.stdout and "uncommitted.diff" in r.stdout
+        assert sb.worktrees() == []
+    finally:
+        sb.close()
+
+
+STUBBORN = r"""#!/usr/bin/env bash
+# Stand-in agent whose processes survive a closed terminal: a run in its own process group (program.md's
+# timeout), one in its own session, one that ignores HUP and TERM; and the agent ignores HUP itself.
+out=$1
+trap '' HUP
+timeout 600 sleep 600 &
+echo $! > "$out/timeout.pid"
+setsid bash -c 'echo $$ > "$1/setsid.pid"; exec sleep 600' _ "$out" &
+( trap '' HUP TERM; exec sleep 600 ) &
+echo $! > "$out/stubborn.pid"
+echo $$ > "$out/agent.pid"
+sleep 1
+touch "$out/ready"
+sleep 600
+"""
+
+
+def test_stop_ends_every_process_the_night_started(tmp_path, request):
+    sb = make_sandbox(tmp_path, request, agent_script=STUBBORN)
+    try:
+        assert sb.spawn("launch", "n32", "a:0").returncode == 0
+        wait_for((sb.out / "ready").exists, 10, "the stand-in never got ready")
+        pids = {name: int((sb.out / f"{name}.pid").read_text()) for name in ("timeout", "setsid", "stubborn", "agent")}
+        assert all(running(pid) for pid in pids.values())
+        r = sb.spawn("stop", "n32", STOP_GRACE="1")
+        assert r.returncode == 0, r.stderr
+        # Before: each of them ran on after stop, into a deleted worktree.
+        wait_for(lambda: not any(running(pid) for pid in pids.values()), 5,
+                 f"still running: {[n for n, p in pids.items() if running(p)]}\n{r.stdout}")
+        ended = next(line for line in r.stdout.splitlines() if "ended" in line and "process(es)" in line)
+        assert f"{pids['timeout']} timeout" in ended and f"{pids['agent']} bash" in ended
+        assert "ignored TERM for 1 s and got KILL" in ended and f"{pids['stubborn']} sleep" in ended.split("KILL")[1]
+    finally:
+        sb.close()
+
+
+def fake_tool(sb, name, body):
+    tool = sb.bin / name
+    tool.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    tool.chmod(0o755)
+
+
+def test_status_and_stop_do_not_wait_on_an_unanswering_squeue(sb):
+    fake_tool(sb, "squeue", "exec sleep 30")   # a Slurm client with no controller behind it
+    fake_tool(sb, "scancel", "exec sleep 30")
+    assert sb.spawn("launch", "n33", "a:0").returncode == 0
+    for args in (["status"], ["stop", "n33"]):
+        start = time.monotonic()
+        r = sb.spawn(*args)
+        assert r.returncode == 0 and time.monotonic() - start < 5, (args, r.stdout, r.stderr)
+        assert "Slurm" not in r.stdout + r.stderr            # a local launch never asks Slurm
+    # A Slurm launch asks, once, and gives up after SLURM_TIMEOUT with one line.
+    fake_tool(sb, "srun", "exec sleep 600")
+    assert sb.spawn("launch", "n34", "--slurm", "a:0").returncode == 0
+    start = time.monotonic()
+    r = sb.spawn("status", SLURM_TIMEOUT="1")
+    assert r.returncode == 0 and "unavailable (squeue -h -u did not answer within 1 s)" in r.stdout
+    r = sb.spawn("stop", "n34", SLURM_TIMEOUT="1")
+    assert r.returncode == 0 and time.monotonic() - start < 8
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did not answer within 1 s" in lines[0] and "scancel --name=autoresearch-n34-" in lines[0]
+    assert sb.worktrees() == []
+
+
+def test_launch_from_another_repository_is_refused(sb, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    git(other, "init", "-q", "-b", "main")
+    (other / "README").write_text("another project\n")
+    git(other, "add", "-A")
+    git(other, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "init")
+    r = subprocess.run(["bash", str(sb.repo / "spawn.sh"), "launch", "n35", "a:0"], cwd=other, env=sb.env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another git repository" in lines[0] and str(sb.repo) in lines[0], r.stderr
+    assert git(other, "branch", "--list", "autoresearch/*") == "" and not (other / "worktrees").exists()
+    assert_nothing_made(sb, "n35")
+    # Outside any repository, spawn.sh works on its own.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    env = dict(sb.env, GIT_CEILING_DIRECTORIES=str(tmp_path))
+    r = subprocess.run(["bash", str(sb.repo / "spawn.sh"), "status"], cwd=outside, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "research branches:" in r.stdout
+
+
+@pytest.mark.parametrize("setup, env, tag, message", [
+    ("worktrees", {}, "n36", "worktrees is a file, not a folder"),
+    ("results", {}, "n36", "results is a file, not a folder"),
+    (None, {}, "t" * 250, "250 characters, at most 64"),
+    (None, {"AUTORESEARCH_CACHE": "data/cache"}, "n36", "AUTORESEARCH_CACHE='data/cache' is relative"),
+    (None, {"WATCH_INTERVAL": "0"}, "n36", "WATCH_INTERVAL='0' is not a number of seconds >= 1"),
+    (None, {"WATCH_INTERVAL": "soon"}, "n36", "WATCH_INTERVAL='soon' is not a number"),
+    (None, {"WATCH_INTERVAL": "nan"}, "n36", "WATCH_INTERVAL='nan' is not a number"),
+    (None, {"IDLE_LINES": "0"}, "n36", "IDLE_LINES='0' is not a count"),
+    (None, {"IDLE_PROMPT_REGEX": "(>"}, "n36", "IDLE_PROMPT_REGEX is not a regular expression"),
+    (None, {"NUDGE_MESSAGE": " "}, "n36", "NUDGE_MESSAGE is empty"),
+])
+def test_launcher_inputs_are_checked_before_anything_is_made(sb, setup, env, tag, message):
+    if setup:
+        (sb.repo / setup).write_text("a file in the way\n")
+    r = sb.spawn("launch", tag, "a:0", "a:1", **env)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert sb.branches() == [] and not sb.tmux("list-sessions").stdout
+    if setup:
+        assert (sb.repo / setup).read_text() == "a file in the way\n"
+    else:
+        assert not (sb.repo / "worktrees").exists() and not (sb.repo / "results").exists()
+
+
+def test_posix_classes_in_the_idle_regex_still_work(sb):
+    r = sb.spawn("launch", "n37", "a:0", WATCH_INTERVAL="1",
+                 IDLE_PROMPT_REGEX="^[[:space:]]*(│[[:space:]]*)?(>|›|❯)([[:space:]].*)?$")
+    assert r.returncode == 0, r.stderr
+    wait_for((sb.out / "gpu0.nudge").exists, 15, "the idle pane was never nudged")
+
+
+def test_a_second_night_on_one_board_tag_is_refused(sb):
+    (sb.repo / "results").mkdir()
+    (sb.repo / "results" / "n38-board.tsv").write_text("a past night's board\n")
+    r = sb.spawn("launch", "n38", "a:0")
+    assert r.returncode == 1 and "results/n38-board.tsv exists" in r.stderr
+    assert_nothing_made(sb, "n38")
+
+
+def test_help_gives_program_mds_run_command():
+    help_text = subprocess.run(["bash", str(SPAWN), "help"], capture_output=True, text=True).stdout
+    run = "$AUTORESEARCH_RUN timeout 600 uv run train.py > run.log 2>&1"
+    assert run in help_text and run in (REPO / "program.md").read_text()
+    assert "results/<tag>-gpu<N>/" in help_text and "STOP_GRACE" in help_text
+
+
+def test_panes_know_their_night(sb):
+    assert sb.spawn("launch", "n39", "a:4").returncode == 0
+    sb.report(4)
+    env = dict(item.split("=", 1) for item in (sb.out / "env4").read_text().split("\0") if "=" in item)
+    assert env["AUTORESEARCH_TAG"] == "n39" and env["AUTORESEARCH_WORKER"] == "gpu4"
+    assert env["AUTORESEARCH_BOARD"] == str((sb.repo / "results" / "n39-board.tsv").resolve())
+    assert (sb.repo / "results" / "n39-board.tsv").read_text().startswith("time\tworker\tcommit")
+    assert "CLAUDE_FLAGS" not in env and "WATCH_INTERVAL" not in env   # spawn.sh's settings stay its own
