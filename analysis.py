@@ -58,7 +58,8 @@ is read alone, and reported as the night across its workers:
   other workers' baseline runs, not steps.
 - frontier: the baseline, then each keep row that beats the night's best so
   far, in board order, with its worker and delta (the plot: over time).
-- gains per worker: its results by status; own_gain, what its kept steps
+- gains per worker: its experiments by status (after its baseline run) and
+  its baseline and noise runs; own_gain, what its kept steps
   gained over its own best (adopted values count as its best); frontier_moves
   and frontier_gain, the new bests of the night it found and what they gained;
   adopted, how often it took another's best; adopted_from_it, how often others
@@ -554,12 +555,16 @@ def summarize_board(entries, path="board.tsv", warnings=(), repo=None):
     frontier, adoptions, kept, workers = [baseline] if first else [], [], {}, {}
     best = baseline
     for e in entries:
-        w = workers.setdefault(e.worker, {"results": 0, "kept": 0, "discarded": 0, "crashed": 0, "noise": 0,
-                                          "own_gain": 0.0, "frontier_moves": 0, "frontier_gain": 0.0,
+        w = workers.setdefault(e.worker, {"experiments": 0, "kept": 0, "discarded": 0, "crashed": 0, "baselines": 0,
+                                          "noise_runs": 0, "own_gain": 0.0, "frontier_moves": 0, "frontier_gain": 0.0,
                                           "adopted": 0, "adopted_from_it": 0, "best": None})
-        if e.status in ("keep", "discard", "crash", "noise"):
-            w["results"] += 1
-            w[{"keep": "kept", "discard": "discarded", "crash": "crashed", "noise": "noise"}[e.status]] += 1
+        if e.status == "keep" and e.commit[:7] == first.commit[:7]:
+            w["baselines"] += 1
+        elif e.status == "noise":
+            w["noise_runs"] += 1
+        elif e.status in ("keep", "discard", "crash"):
+            w["experiments"] += 1
+            w[{"keep": "kept", "discard": "discarded", "crash": "crashed"}[e.status]] += 1
         if e.status not in ("keep", "adopt"):
             continue
         bar = w["best"]["val_bpb"] if w["best"] else None
@@ -627,10 +632,11 @@ def report_board(b):
     if b["baseline"] is None:
         lines.append(f"no kept result yet ({b['rows']} rows)")
         return "\n".join(lines)
-    counts = {k: sum(w[k] for w in b["workers"].values()) for k in ("results", "kept", "discarded", "crashed")}
-    lines.append(f"{len(b['workers'])} workers, {counts['results']} results ({counts['kept']} kept, "
-                 f"{counts['discarded']} discarded, {counts['crashed']} crashed), {len(b['adoptions'])} adoptions, "
-                 f"{b['rows']} rows over {_clock(b['minutes'])[1:]}")
+    n = {k: sum(w[k] for w in b["workers"].values()) for k in ("experiments", "kept", "discarded", "crashed",
+                                                                 "baselines")}
+    lines.append(f"{len(b['workers'])} workers, {n['experiments']} experiments after {n['baselines']} baseline runs "
+                 f"({n['kept']} kept, {n['discarded']} discarded, {n['crashed']} crashed), "
+                 f"{len(b['adoptions'])} adoptions, {b['rows']} rows over {_clock(b['minutes'])[1:]}")
     base, best = b["baseline"], b["best"]
     lines.append(f"baseline:    {base['val_bpb']:.6f}  {base['worker']} {base['commit']}  {base['description']}")
     lines.append(f"best:        {best['val_bpb']:.6f}  {best['worker']} {best['commit']}  {best['description']}")
@@ -641,11 +647,11 @@ def report_board(b):
         lines.append(f"  {_clock(p['minutes'])}  {p['worker']:<6} {p['commit']:<8} {p['val_bpb']:.6f}  {delta}  "
                      f"{_short(p['description'], 60)}")
     lines += ["", "gains per worker (own: its kept steps over its own best; frontier: over the night's best):",
-              f"  {'worker':<8}{'results':>8}{'kept':>6}{'disc':>6}{'crash':>6}{'own gain':>10}{'moves':>7}"
+              f"  {'worker':<8}{'exps':>6}{'kept':>6}{'disc':>6}{'crash':>6}{'own gain':>10}{'moves':>7}"
               f"{'frontier':>10}{'adopted':>9}{'taken':>7}  best"]
     for name, w in b["workers"].items():
         mine = f"{w['best']['val_bpb']:.6f} {w['best']['commit']}" if w["best"] else "-"
-        lines.append(f"  {name:<8}{w['results']:>8}{w['kept']:>6}{w['discarded']:>6}{w['crashed']:>6}"
+        lines.append(f"  {name:<8}{w['experiments']:>6}{w['kept']:>6}{w['discarded']:>6}{w['crashed']:>6}"
                      f"{w['own_gain']:>10.6f}{w['frontier_moves']:>7}{w['frontier_gain']:>10.6f}{w['adopted']:>9}"
                      f"{w['adopted_from_it']:>7}  {mine}")
     lines.append("  (moves: new bests of the night it found; adopted: times it took another's best; "
@@ -710,10 +716,9 @@ def plot_board(b, out_path):
         xs = [p["minutes"] for p in frontier] + [end]
         ys = [p["val_bpb"] for p in frontier] + [frontier[-1]["val_bpb"]]
         ax.step(xs, ys, where="post", color="black", linewidth=2, zorder=2, label="the night's best")
-        for p in frontier[1:]:
-            ax.annotate(f"{p['worker']}: {_short(p['description'], 32)}", (p["minutes"], p["val_bpb"]),
-                        xytext=(4, -4), textcoords="offset points", va="top", rotation=-20, fontsize=7,
-                        color=colors[p["worker"]])
+        texts = [ax.annotate(f"{p['worker']}: {_short(p['description'], 32)}", (p["minutes"], p["val_bpb"]),
+                             xytext=(4, -4), textcoords="offset points", va="top", rotation=-20, fontsize=7,
+                             color=colors[p["worker"]]) for p in frontier[1:]]
         handles = [ax.get_legend_handles_labels()[0][0]]
         handles += [Line2D([], [], linestyle="none", marker="o", color=c, label=name) for name, c in colors.items()]
         handles += [Line2D([], [], linestyle="none", marker=m, color="0.35", markerfacecolor=f, label=label)
@@ -726,6 +731,8 @@ def plot_board(b, out_path):
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    if frontier:
+        _keep_inside(fig, ax, texts)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path)
@@ -778,9 +785,9 @@ if __name__ == "__main__":
             parser.error("--noise is for results files, not a board")
         if boards:
             entries, warnings = board.read(boards[0])
-            for w in warnings[:MAX_WARNINGS]:
-                print(f"warning: {w}", file=sys.stderr)
             night = summarize_board(entries, boards[0], warnings, args.repo or Path(boards[0]).resolve().parent)
+            for w in night["warnings"][:MAX_WARNINGS]:
+                print(f"warning: {w}", file=sys.stderr)
         else:
             summaries = load(args.tsv, noise=args.noise)
     except OSError as e:
