@@ -282,7 +282,6 @@ class Worker:
     worktree: str
     job_name: str | None = None   # --slurm: the name of its runs' jobs
     pane: str = ""                # tmux pane id
-    pane_pid: int | None = None   # the pane's shell: the leader of the pane's process session
 
 
 @dataclass
@@ -328,16 +327,16 @@ def watcher_log(root, tag):
 
 @dataclass
 class Made:
-    """What launch has made so far: undone, newest first, if it does not finish."""
+    """What launch has made so far, undone if it does not finish."""
     branches: list = field(default_factory=list)
     worktrees: list = field(default_factory=list)
     session: str = ""
     files: list = field(default_factory=list)
 
-    def undo(self, root, tmux):
+    def undo(self, root, tmux, launch_id):
         log("launch failed: removing what it made")
         if self.session:
-            tmux("kill-session", "-t", f"={self.session}", check=False)
+            end_processes(launch_id, end_session(tmux, self.session), grace=2)
         for wt in self.worktrees:
             git(root, "worktree", "remove", "--force", wt, check=False)
         git(root, "worktree", "prune", check=False)
@@ -468,17 +467,15 @@ def launch(root, args, env):
                          "to .gitignore")
             cmd = ["bash", "-c", pane_command(m, w, s, env)]
             if not made.session:
-                out = tmux("new-session", "-d", "-s", m.session, "-n", "workers", "-x", "220", "-y", "60",
-                           "-c", w.worktree, "-P", "-F", "#{pane_id} #{pane_pid}", *cmd)
+                w.pane = tmux("new-session", "-d", "-s", m.session, "-n", "workers", "-x", "220", "-y", "60",
+                              "-c", w.worktree, "-P", "-F", "#{pane_id}", *cmd)
                 made.session = m.session
                 tmux("set-option", "-t", f"={m.session}:", "pane-border-status", "top")
                 tmux("set-option", "-t", f"={m.session}:", "pane-border-format", " #{@worker} ")
             else:
-                out = tmux("split-window", "-t", f"={m.session}:workers", "-c", w.worktree,
-                           "-P", "-F", "#{pane_id} #{pane_pid}", *cmd)
+                w.pane = tmux("split-window", "-t", f"={m.session}:workers", "-c", w.worktree,
+                              "-P", "-F", "#{pane_id}", *cmd)
                 tmux("select-layout", "-t", f"={m.session}:workers", "tiled")
-            w.pane, pid = out.split()
-            w.pane_pid = int(pid)
             tmux("set-option", "-p", "-t", w.pane, "@worker", f"gpu{w.index} {w.agent} {w.branch}")
             m.save(mpath)
             runs = f"Slurm job {w.job_name}" if m.slurm else f"GPU {w.index}"
@@ -490,7 +487,7 @@ def launch(root, args, env):
     except BaseException as e:
         if isinstance(e, (Refusal, OSError)):
             log(f"error: {e}", sys.stderr)
-        made.undo(root, tmux)
+        made.undo(root, tmux, m.launch_id)
         if isinstance(e, (Refusal, OSError)):
             return 1
         raise
@@ -594,15 +591,23 @@ def night_processes(launch_id, sessions):
     return found
 
 
-def end_processes(m, grace):
+def end_session(tmux, session):
+    """End a tmux session; the process sessions of its panes (their shells' pids), read just before."""
+    if not tmux.has_session(session):
+        return set()
+    pids = tmux("list-panes", "-s", "-t", f"={session}", "-F", "#{pane_pid}", check=False).split()
+    tmux("kill-session", "-t", f"={session}", check=False)
+    return {int(p) for p in pids if p.isdigit()}
+
+
+def end_processes(launch_id, sessions, grace):
     """TERM every process of the night, KILL what is left after <grace> s; {pid: (name, signal)}."""
     if not Path("/proc").is_dir():
         warn("no /proc here: cannot look for processes the night left running")
         return {}
-    sessions = {w.pane_pid for w in m.workers if w.pane_pid}
     ended, deadline, sig = {}, time.monotonic() + grace, signal.SIGTERM
     while True:
-        alive = night_processes(m.launch_id, sessions)
+        alive = night_processes(launch_id, sessions)
         if not alive:
             break
         if time.monotonic() > deadline:
@@ -775,12 +780,13 @@ def stop(root, args, env):
     session, did = f"autoresearch-{tag}", False
 
     # 1. The session (its panes and the watcher window), 2. whatever its processes started, 3. Slurm jobs.
-    if tmux.has_session(session):
-        tmux("kill-session", "-t", f"={session}", check=False)
+    # The panes' process sessions are read from live panes only: a pid on record could be another's by now.
+    sessions = end_session(tmux, session)
+    if sessions:
         log(f"tmux session {session} ended")
         did = True
     if m is not None:
-        ended = end_processes(m, grace)
+        ended = end_processes(m.launch_id, sessions, grace)
         say_ended(ended, grace)
         did |= bool(ended)
         if m.slurm:
