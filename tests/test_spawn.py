@@ -14,6 +14,7 @@ fail without them; .ci/run installs tmux); no GPU. The --slurm mode is tested
 against a real one-node cluster in test_slurm.py.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -581,11 +582,20 @@ sleep 600
 """
 
 
-def test_stop_keeps_a_workers_untracked_files(tmp_path, request):
-    sb = make_sandbox(tmp_path, request, agent_script=HOARDER)
+@contextlib.contextmanager
+def one_worker(tmp_path, request, script, tag):
+    """A sandbox whose one stand-in agent (<script>, on GPU 0) has launched and touched OUT/ready."""
+    sb = make_sandbox(tmp_path, request, agent_script=script)
     try:
-        assert sb.spawn("launch", "n31", "a:0").returncode == 0
+        assert sb.spawn("launch", tag, "a:0").returncode == 0
         wait_for((sb.out / "ready").exists, 10, "the stand-in never got ready")
+        yield sb
+    finally:
+        sb.close()
+
+
+def test_stop_keeps_a_workers_untracked_files(tmp_path, request):
+    with one_worker(tmp_path, request, HOARDER, "n31") as sb:
         r = sb.spawn("stop", "n31")
         assert r.returncode == 0, r.stderr
         kept = sb.repo / "results" / "n31-gpu0"
@@ -597,8 +607,6 @@ def test_stop_keeps_a_workers_untracked_files(tmp_path, request):
         assert (sb.repo / ".venv" / "marker").exists()
         assert "kept in results/n31-gpu0/: 3 untracked file(s)" in r.stdout and "uncommitted.diff" in r.stdout
         assert sb.worktrees() == []
-    finally:
-        sb.close()
 
 
 STUBBORN = r"""#!/usr/bin/env bash
@@ -619,10 +627,7 @@ sleep 600
 
 
 def test_stop_ends_every_process_the_night_started(tmp_path, request):
-    sb = make_sandbox(tmp_path, request, agent_script=STUBBORN)
-    try:
-        assert sb.spawn("launch", "n32", "a:0").returncode == 0
-        wait_for((sb.out / "ready").exists, 10, "the stand-in never got ready")
+    with one_worker(tmp_path, request, STUBBORN, "n32") as sb:
         pids = {name: int((sb.out / f"{name}.pid").read_text()) for name in ("timeout", "setsid", "stubborn", "agent")}
         assert all(running(pid) for pid in pids.values())
         r = sb.spawn("stop", "n32", STOP_GRACE="1")
@@ -633,8 +638,6 @@ def test_stop_ends_every_process_the_night_started(tmp_path, request):
         ended = next(line for line in r.stdout.splitlines() if "ended" in line and "process(es)" in line)
         assert f"{pids['timeout']} timeout" in ended and f"{pids['agent']} bash" in ended
         assert "ignored TERM for 1 s and got KILL" in ended and f"{pids['stubborn']} sleep" in ended.split("KILL")[1]
-    finally:
-        sb.close()
 
 
 def fake_tool(sb, name, body):
