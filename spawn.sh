@@ -75,7 +75,7 @@ stop: ends the tmux session, then every process the night started and what
   track (notes, logs, plots, run.log) to results/<tag>-gpu<N>/, uncommitted
   changes to tracked files to results/<tag>-gpu<N>/uncommitted.diff (never
   overwriting: -2, -3, ... suffixes); caches (__pycache__ and kin) and the
-  .venv link are dropped. Then it removes the worktrees and keeps the
+  .venv are dropped. Then it removes the worktrees and keeps the
   branches and the board. Safe to re-run.
 status: tmux sessions (with their watcher), worktrees, research branches,
   results files and boards, and the Slurm jobs of --slurm launches.

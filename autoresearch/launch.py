@@ -38,7 +38,7 @@ from autoresearch import board  # noqa: E402
 MAX_TAG = 64              # a tag names branches, a tmux session, files and Slurm jobs
 MAX_INDEX_DIGITS = 4      # worker and GPU indices up to 9999
 TMUX_TIMEOUT = 20         # seconds any one tmux or git call may take before we give up on it
-EPHEMERAL = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}  # dropped by stop, not kept
+EPHEMERAL = {".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}  # dropped by stop, not kept
 # What a pane must see from the launching shell (the tmux server may have started before you exported them).
 FORWARD = re.compile(r"^(PATH|SLURM_CONF|(AUTORESEARCH|ANTHROPIC|OPENAI|CLAUDE|CODEX|HF|UV)_[A-Za-z0-9_]*)$")
 # spawn.sh's own overrides: read here, never forwarded to the panes or the tmux server.
@@ -144,6 +144,14 @@ def git(cwd, *args, check=True):
     return run(["git", "-C", str(cwd), *args], check=check)
 
 
+def ok(*argv):
+    """True when a command succeeds (its output discarded); False too when it hangs."""
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=TMUX_TIMEOUT).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def common_dir(folder):
     """The git common directory of a folder's repository (physical path), or None outside one."""
     out = subprocess.run(["git", "-C", str(folder), "rev-parse", "--path-format=absolute", "--git-common-dir"],
@@ -217,8 +225,7 @@ def check_tag(tag):
     if len(tag) > MAX_TAG:
         raise Refusal(f"invalid tag '{tag[:20]}...': {len(tag)} characters, at most {MAX_TAG} "
                       "(it names branches, files and a tmux session)")
-    if subprocess.run(["git", "check-ref-format", "--branch", f"autoresearch/{tag}-gpu0"],
-                      capture_output=True).returncode != 0:
+    if not ok("git", "check-ref-format", "--branch", f"autoresearch/{tag}-gpu0"):
         raise Refusal(f"invalid tag '{tag}': not valid in a branch name")
 
 
@@ -398,8 +405,7 @@ def check_launch(root, args, env):
         raise Refusal(f"tmux session autoresearch-{tag} already exists: bash spawn.sh stop {tag}")
     for _, index in workers:
         branch = f"autoresearch/{tag}-gpu{index}"
-        if subprocess.run(["git", "-C", str(root), "show-ref", "--verify", "--quiet", f"refs/heads/{branch}"]
-                          ).returncode == 0:
+        if ok("git", "-C", str(root), "show-ref", "--verify", "--quiet", f"refs/heads/{branch}"):
             raise Refusal(f"branch {branch} exists (branches of past runs are kept): pick a new tag")
         if os.path.lexists(root / "worktrees" / f"gpu{index}"):
             raise Refusal(f"worktrees/gpu{index} exists (another run on GPU {index}?): stop that run first")
@@ -418,8 +424,7 @@ def check_launch(root, args, env):
     # Worth a word, not a refusal.
     if git(".", "status", "--porcelain", "--untracked-files=no", check=False):
         warn(f"uncommitted changes are not part of the workers' starting point ({head[:7]})")
-    if subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{head}:program.md"],
-                      capture_output=True).returncode != 0:
+    if not ok("git", "-C", str(root), "cat-file", "-e", f"{head}:program.md"):
         warn(f"program.md is not in commit {head[:7]}: the agents' prompt points at it")
     if not (root / ".venv").is_dir():
         warn(f"no .venv in {root} (run 'uv sync' there): workers' 'uv run' will build their own")
@@ -462,7 +467,7 @@ def launch(root, args, env):
             git(root, "worktree", "add", "--quiet", "-b", w.branch, w.worktree, m.head)
             if (root / ".venv").is_dir():
                 Path(w.worktree, ".venv").symlink_to(root / ".venv")
-                if subprocess.run(["git", "-C", w.worktree, "check-ignore", "-q", ".venv"]).returncode != 0:
+                if not ok("git", "-C", w.worktree, "check-ignore", "-q", ".venv"):
                     warn(f"the .venv link in worktrees/gpu{w.index} is not git-ignored: add '.venv' (no slash) "
                          "to .gitignore")
             cmd = ["bash", "-c", pane_command(m, w, s, env)]
@@ -572,7 +577,7 @@ def night_processes(launch_id, sessions):
     """{pid: name} of the live processes a night started: AUTORESEARCH_LAUNCH=<id> in their environment
     (inherited by everything an agent starts, also in a process group or session of its own, such as
     program.md's `timeout 600 uv run train.py`), or in a pane's process session."""
-    marker = f"AUTORESEARCH_LAUNCH={launch_id}".encode()
+    marker = f"AUTORESEARCH_LAUNCH={launch_id}".encode() if launch_id else None
     skip, found = _ancestors(), {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in skip:
@@ -581,7 +586,7 @@ def night_processes(launch_id, sessions):
         if info is None or info[0] in "ZX":
             continue
         ours = info[1] in sessions
-        if not ours:
+        if not ours and marker:
             try:
                 ours = marker in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
             except OSError:
@@ -699,7 +704,7 @@ def untracked_files(wt, tracked):
                 files.append(d)  # a link to a folder: kept as the link
         for f in files:
             rel = (rel_folder / f).as_posix()
-            if rel in (".git", ".venv", "results.tsv") or f.endswith(".pyc") or rel in tracked:
+            if rel in (".git", "results.tsv") or f.endswith(".pyc") or rel in tracked:
                 continue
             found.append(rel)
     return sorted(found)
@@ -735,8 +740,7 @@ def retire_worktree(root, tag, wt, revisions):
         log(f"kept in {rel(keep)}/: " + (f"{len(extra)} untracked file(s) ({shown})" if extra else "")
             + ("; " if extra and diff else "") + ("uncommitted changes as uncommitted.diff" if diff else ""))
     # git refuses a worktree whose .git is gone; then the folder goes by hand, and only below worktrees/.
-    if subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(wt)],
-                      capture_output=True).returncode != 0:
+    if not ok("git", "-C", str(root), "worktree", "remove", "--force", str(wt)):
         if root / "worktrees" not in wt.parents:
             warn(f"{wt} is not below worktrees/: left in place")
             return
@@ -785,12 +789,12 @@ def stop(root, args, env):
     if sessions:
         log(f"tmux session {session} ended")
         did = True
-    if m is not None:
-        ended = end_processes(m.launch_id, sessions, grace)
+    if m is not None or sessions:  # without a record, what ran in the panes' sessions
+        ended = end_processes(m.launch_id if m else None, sessions, grace)
         say_ended(ended, grace)
         did |= bool(ended)
-        if m.slurm:
-            did |= cancel_jobs(tag, timeout)
+    if m is not None and m.slurm:
+        did |= cancel_jobs(tag, timeout)
 
     # 4. The worktrees: those launch recorded, and any with one of the tag's branches checked out.
     branches = {w.worktree: w.branch for w in m.workers} if m else {}

@@ -16,6 +16,7 @@ them these tests fail, they do not skip.
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,14 @@ def test_the_board_under_slurm(tmp_path, request, cluster):
         check_night(sb, "s5")
         for w in (0, 1, 2):
             assert f"job: autoresearch-s5-{w}\n" in (sb.repo / "worktrees" / f"gpu{w}" / "run.log").read_text()
+        # A post from inside a job, on the node, lands on the same board.
+        board = sb.repo / "results" / "s5-board.tsv"
+        env = dict(sb.env, AUTORESEARCH_BOARD=str(board), AUTORESEARCH_WORKER="gpu1")
+        r = subprocess.run(["srun", "--job-name=autoresearch-s5-1", *RUN_ARGS.split(), "bash", "spawn.sh", "board",
+                            "post", "noise", "0.990000", "rerun from a job"], cwd=sb.repo / "worktrees" / "gpu1",
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert board.read_text().rstrip("\n").split("\n")[-1].endswith("\tnoise\t42\tbc4697856eaf\trerun from a job")
         assert sb.spawn("stop", "s5").returncode == 0
     finally:
         sb.close()

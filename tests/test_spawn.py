@@ -1,17 +1,20 @@
 """
-spawn.sh against a throwaway git repo, with a stand-in for the agent.
+spawn.sh (and the launcher behind it, autoresearch/launch.py) against a
+throwaway git repo, with a stand-in for the agent.
 
     uv run pytest tests/test_spawn.py -v
 
-Each test copies spawn.sh and a minimal program.md into a fresh git repo under
-tmp_path and drives `bash spawn.sh ...` there. AUTORESEARCH_AGENT_CMD points
-at a small bash script that records what its pane sees (CUDA_VISIBLE_DEVICES,
-working directory, last argument = the prompt), appends a row to results.tsv,
-shows a `> ` prompt and waits. A stand-in `nvidia-smi` on PATH lists 8 GPUs.
-Every test uses its own tmux server (TMUX_SOCKET -> `tmux -L`), killed
+Each test copies spawn.sh, autoresearch/launch.py and autoresearch/board.py and
+a minimal program.md into a fresh git repo under tmp_path and drives
+`bash spawn.sh ...` there. AUTORESEARCH_AGENT_CMD points at a small bash
+script that records what its pane sees (CUDA_VISIBLE_DEVICES, working
+directory, environment, last argument = the prompt), appends a row to
+results.tsv, shows a `> ` prompt and waits; other stand-ins leave files or
+stubborn processes behind for stop. A stand-in `nvidia-smi` on PATH lists 8
+GPUs. Every test uses its own tmux server (TMUX_SOCKET -> `tmux -L`), killed
 afterwards, so the user's tmux is never touched. Needs git and tmux (the tests
 fail without them; .ci/run installs tmux); no GPU. The --slurm mode is tested
-against a real one-node cluster in test_slurm.py.
+against a real one-node cluster in test_slurm.py, the board in test_board.py.
 """
 
 import contextlib
