@@ -690,6 +690,8 @@ def plot_board(b, out_path):
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     entries, frontier = b["_entries"], b["frontier"]
+    # The x axis in the unit that suits the night: seconds for a test, hours for a real night.
+    unit, per_minute = ("hours", 1 / 60) if b["minutes"] > 180 else ("seconds", 60) if b["minutes"] < 2 else ("minutes", 1)
     if not frontier:
         ax.text(0.5, 0.5, "no kept result yet", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -702,7 +704,7 @@ def plot_board(b, out_path):
         style = {"keep": dict(marker="o", s=36), "noise": dict(marker="D", s=16),
                  "discard": dict(marker="o", s=28, facecolors="none"), "adopt": dict(marker="P", s=90)}
         for e in entries:
-            x = (e.epoch - start) / 60
+            x = (e.epoch - start) / 60 * per_minute
             if e.status == "crash" or (e.status == "discard" and e.val_bpb > top):
                 marker = "x" if e.status == "crash" else "^"
                 ax.scatter([x], [0.03 if e.status == "crash" else 0.97], transform=ax.get_xaxis_transform(),
@@ -712,11 +714,11 @@ def plot_board(b, out_path):
                 st = dict(style[e.status])
                 st["edgecolors" if st.get("facecolors") == "none" else "color"] = colors[e.worker]
                 ax.scatter([x], [e.val_bpb], zorder=4 if e.status != "discard" else 3, gid=e.status, **st)
-        end = (max(e.epoch for e in entries) - start) / 60
-        xs = [p["minutes"] for p in frontier] + [end]
+        end = (max(e.epoch for e in entries) - start) / 60 * per_minute
+        xs = [p["minutes"] * per_minute for p in frontier] + [end]
         ys = [p["val_bpb"] for p in frontier] + [frontier[-1]["val_bpb"]]
         ax.step(xs, ys, where="post", color="black", linewidth=2, zorder=2, label="the night's best")
-        texts = [ax.annotate(f"{p['worker']}: {_short(p['description'], 32)}", (p["minutes"], p["val_bpb"]),
+        texts = [ax.annotate(f"{p['worker']}: {_short(p['description'], 32)}", (p["minutes"] * per_minute, p["val_bpb"]),
                              xytext=(4, -4), textcoords="offset points", va="top", rotation=-20, fontsize=7,
                              color=colors[p["worker"]]) for p in frontier[1:]]
         handles = [ax.get_legend_handles_labels()[0][0]]
@@ -727,7 +729,7 @@ def plot_board(b, out_path):
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=8)
         ax.set_title(f"the night's frontier: {len(b['workers'])} workers, {len(b['adoptions'])} adoptions, "
                      f"val_bpb {base:.6f} -> {low:.6f}")
-    ax.set_xlabel("minutes since the first post")
+    ax.set_xlabel(f"{unit} since the first post")
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -9,8 +9,9 @@ this file's FAKE_TRAIN as fake_train.py, which scores train.py: val_bpb =
 1.0 - the sum of the gains + a small wobble fixed by the file's text and the
 seed, printed in program.md's summary block with a `seed:` line and a data
 identity line. PLAN.json maps each worker (gpu<N>) to its ideas, in order:
-{"name": "swiglu", "gain": 0.004} (a negative gain makes a discard), with
-"after": ["gpu0", "swiglu"] to wait until that worker has a result for it.
+{"name": "swiglu", "gain": 0.004} (a negative gain makes a discard, "crash":
+true a crash), with "after": ["gpu0", "swiglu"] to wait until that worker has
+a result for it.
 
 Each loop: read the board (bash spawn.sh board show --json), adopt another's
 best when the board says so (git reset --hard + post adopt), skip an idea
@@ -30,8 +31,10 @@ from pathlib import Path
 FAKE_TRAIN = r'''
 import hashlib, os, re, sys, time
 text = open("train.py").read()
+if "\nCRASH" in text:
+    sys.exit("FAIL: out of memory (a stand-in crash)")
 seed = int(os.environ.get("AUTORESEARCH_SEED") or 42)
-gains = sum(float(g) for g in re.findall(r"^GAIN_\w+ = (-?[0-9.]+)$", text, re.M))
+gains = sum(float(g) for g in re.findall(r"^GAIN_\S+ = (-?[0-9.]+)$", text, re.M))
 wobble = int(hashlib.sha256(f"{text}{seed}".encode()).hexdigest()[:6], 16) / 0xFFFFFF * 0.0004 - 0.0002
 time.sleep(float(os.environ.get("STAND_IN_RUN_SECONDS", "0.3")))
 print("data: val=5f0c2a9e tokenizer=1b7d3c4e train_shards=9a8b7c6d | harness train.py=0")
@@ -62,8 +65,16 @@ def main(plan_path, out_dir):
         return json.loads(sh("bash spawn.sh board show --json"))
 
     def run_and_post(description):
-        sh(f"$AUTORESEARCH_RUN timeout 600 python3 fake_train.py > run.log 2>&1")
-        val = float(sh("grep '^val_bpb:' run.log").split()[1])
+        sh("$AUTORESEARCH_RUN timeout 600 python3 fake_train.py > run.log 2>&1", check=False)
+        found = sh("grep '^val_bpb:' run.log", check=False).split()
+        if not found:  # a crash: logged, posted, and the code goes back
+            with open("results.tsv", "a") as f:
+                f.write(f"{sh('git rev-parse --short=7 HEAD').strip()}\t0.000000\t0.0\tcrash\t{description}\n")
+            sh(f"bash spawn.sh board post crash '{description}'")
+            sh("git reset --hard HEAD~1")
+            say(f"crash {description}")
+            return
+        val = float(found[1])
         mine = board()["mine"]
         keep = mine is None or val < mine["val_bpb"]
         status = "keep" if keep else "discard"
@@ -97,7 +108,7 @@ def main(plan_path, out_dir):
             say(f"skip {idea['name']}: another worker runs or discarded it")
             continue
         with open("train.py", "a") as f:
-            f.write(f"GAIN_{idea['name']} = {idea['gain']}\n")
+            f.write("CRASH\n" if idea.get("crash") else f"GAIN_{idea['name']} = {idea['gain']}\n")
         sh(f"git commit -qam '{idea['name']}'")
         sh(f"bash spawn.sh board post running '{idea['name']}'")
         run_and_post(idea["name"])

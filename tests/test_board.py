@@ -250,7 +250,7 @@ def test_run_identity_variants(tmp_path):
 # which other adoptions happen on the way depends on timing.
 NIGHT_PLAN = {
     "gpu0": [{"name": "swiglu", "gain": 0.010, "after": ["gpu1", "matrix_lr"]}, {"name": "gelu", "gain": -0.004},
-             {"name": "rope_base", "gain": 0.0015}],
+             {"name": "rope_base", "gain": 0.0015}, {"name": "width_x2", "crash": True}],
     "gpu1": [{"name": "matrix_lr", "gain": 0.003}, {"name": "qk_norm", "gain": 0.005, "after": ["gpu0", "swiglu"]},
              {"name": "gelu", "gain": -0.004, "after": ["gpu0", "gelu"]}],
     "gpu2": [{"name": "depth_9", "gain": -0.002}, {"name": "window_sssl", "gain": 0.002},
@@ -293,6 +293,7 @@ def check_night(sb, tag):
                                f"autoresearch/{tag}-{branch}"]).returncode == 0
     assert "gelu" not in [e.description for e in entries if e.worker == "gpu1"]   # gpu0 discarded it
     assert "skip gelu" in (sb.out / "gpu1.log").read_text()
+    assert [(e.description, e.val_bpb) for e in by("gpu0", "crash")] == [("width_x2", None)]
     assert all(e.seed == 42 and len(e.data) == 12 for e in entries if e.status in ("keep", "discard"))
     assert {e.description for e in entries if e.status == "running"} >= {"swiglu", "qk_norm", "warmdown"}
 
