@@ -35,6 +35,12 @@ descriptor, and lets go; readers take a shared lock, so they never see half a
 row. The worktrees of a night are worktrees of one repository and share its
 object store: a commit on one worker's branch is reachable from every other,
 so adopting one is a `git reset --hard <commit>`.
+
+Adopting: `show`, for a worker, prints an `adopt:` line when another worker's
+best keep beats its own best (its best keep or adopt row) by more than
+CONFIRM_THRESHOLD, on comparable data (the same fingerprint, or one unknown):
+`git reset --hard <commit> && bash spawn.sh board post adopt`. The adopt row
+carries the commit's val_bpb, which becomes the worker's best to beat.
 """
 
 import argparse
@@ -455,7 +461,10 @@ def main(argv=None, env=None, root="."):
         p.add_argument("--board", help="the board file (default: $AUTORESEARCH_BOARD)")
         p.add_argument("--worker", default=env.get("AUTORESEARCH_WORKER"),
                        help="this worker's name (default: $AUTORESEARCH_WORKER)")
-    args = parser.parse_args(["show"] if not argv else argv)
+    argv = list(argv or [])
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "show")  # `board` and `board --json` show
+    args = parser.parse_args(argv)
     try:
         path = board_path(args, env, root)
         if args.command == "post":

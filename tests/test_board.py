@@ -185,6 +185,8 @@ def test_show_for_a_worker(sb):
     assert "gpu2   ddddddd      3m  depth 9" in out and "my own idea" not in out  # the others' runs
     assert "gpu1   0.999000  gelu" in out
     assert len(out.splitlines()) <= 12
+    data = json.loads(spawn_board(sb, "--json").stdout)    # the same, for scripts
+    assert data["adopt"]["commit"] == "bbbbbbb" and data["mine"]["val_bpb"] == 0.997
     # Within the threshold: no adopt line. A person (no worker): each worker's best.
     board.append(sb.board, entry("gpu0", "fffffff", 0.9915, description="lr"))
     assert "adopt:" not in spawn_board(sb).stdout
