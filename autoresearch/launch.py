@@ -842,7 +842,9 @@ def listing(items):
         print("  none")
 
 
-def status(root, env):
+def status(root, args, env):
+    if args:
+        raise Refusal(f"status takes no arguments (got {' '.join(args)}): bash spawn.sh status")
     manifests = {}
     for path in sorted((root / "worktrees").glob(".launch-*.json")):
         try:
@@ -903,16 +905,15 @@ def main(argv=None, env=None):
         command, rest = argv[0], argv[1:]
         if command not in COMMANDS:
             raise Refusal(f"unknown command '{command}': use launch, stop, status, board or help")
-        for tool, why in (("git", "install git"), ("tmux", "install tmux (e.g. apt-get install tmux)")):
-            if command != "board" or tool == "git":
-                if shutil.which(tool, path=env.get("PATH")) is None:
-                    raise Refusal(f"{tool} not found: {why}")
+        for tool in ("git",) if command == "board" else ("git", "tmux"):
+            if shutil.which(tool, path=env.get("PATH")) is None:
+                raise Refusal(f"{tool} not found: install {tool} (e.g. apt-get install {tool})")
         script_dir = Path(__file__).resolve().parent.parent
         if command == "board":
             root = common_dir(script_dir)
             return board.main(rest, env, root=root.parent if root else ".")
         root = find_root(script_dir, Path.cwd())
-        return {"launch": launch, "stop": stop, "status": lambda r, a, e: status(r, e)}[command](root, rest, env)
+        return {"launch": launch, "stop": stop, "status": status}[command](root, rest, env)
     except Refusal as e:
         log(f"error: {e}", sys.stderr)
         return 1
