@@ -17,6 +17,11 @@ status is keep | discard | crash, or noise for a rerun of an unchanged commit
 columns, numbers that do not parse, an unknown status, a keep/discard/noise
 row without a finite val_bpb > 0) are skipped with a warning "file:line: why"
 on stderr. A memory_gb that is not a finite number is read as unknown (null).
+Implausible rows are skipped too, with the rule they break: a val_bpb below
+0.01 (a slip such as 1e-300), a kept val_bpb above 16 bits per byte, and a
+val_bpb above 16 next to a memory_gb that looks like one (columns swapped).
+Tab columns past the fifth are reported, not merged into the description.
+Lines end at '\n' only, and a BOM at the start is not read as data.
 
 Definitions (lower val_bpb is better), numbered the way a reader counts:
 - baseline: the first keep/discard row, experiment #0. It is not "kept":
@@ -44,9 +49,35 @@ baseline), line (in the file), commit, val_bpb, memory_gb, status,
 description}; steps and top add prev_best, delta and within_noise. Numbers
 are null where there is no data: the output never holds NaN or Infinity.
 
+A night's board (spawn.sh's results/<tag>-board.tsv, see autoresearch/board.py)
+is read alone, and reported as the night across its workers:
+
+    uv run analysis.py results/mar5-board.tsv --plot frontier.png [--json]
+
+- baseline: the board's first keep row; rows of the same commit are the
+  other workers' baseline runs, not steps.
+- frontier: the baseline, then each keep row that beats the night's best so
+  far, in board order, with its worker and delta (the plot: over time).
+- gains per worker: its experiments by status (after its baseline run) and
+  its baseline and noise runs; own_gain, what its kept steps
+  gained over its own best (adopted values count as its best); frontier_moves
+  and frontier_gain, the new bests of the night it found and what they gained;
+  adopted, how often it took another's best; adopted_from_it, how often others
+  took its.
+- adoptions: each adopt row, with the worker it took from and its best before.
+- chain: the kept commits that are git ancestors of the best commit (found
+  with git in --repo, default the board's repository), oldest first: the edits,
+  from every worker, that the best is made of.
+Its JSON: board, rows, minutes, baseline, best, improvement, improvement_pct,
+frontier, workers, adoptions, chain (null when git cannot tell: chain_note
+says why), fingerprints, warnings. Rows with implausible numbers are skipped
+with the rule named, as in results files.
+
 Functions for reuse and tests: parse(path) -> (rows, warnings),
 summarize(rows, path, noise=None) -> dict, report(summaries) -> str,
-to_json(summaries) -> dict, plot(summaries, out_path) -> Figure.
+to_json(summaries) -> dict, plot(summaries, out_path) -> Figure;
+summarize_board(entries, path, warnings, repo) -> dict, report_board(b),
+board_json(b), plot_board(b, out_path).
 """
 
 import json
@@ -55,6 +86,8 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from autoresearch import board  # the board's format, and what a plausible val_bpb is
 
 HEADER = ("commit", "val_bpb", "memory_gb", "status", "description")
 STATUSES = ("keep", "discard", "crash", "noise")
@@ -82,17 +115,26 @@ def _finite(value):
     return value if math.isfinite(value) else None
 
 
+def _swapped(status, val_bpb, memory_gb):
+    """The rule a row with val_bpb and memory_gb swapped breaks (a baseline so would fake a 97 % gain), or None."""
+    plausible = board.MIN_PLAUSIBLE_BPB <= memory_gb <= board.MAX_PLAUSIBLE_BPB
+    if status != "crash" and val_bpb > board.MAX_PLAUSIBLE_BPB and plausible:
+        return (f"val_bpb and memory_gb look swapped (no val_bpb is above {board.MAX_PLAUSIBLE_BPB:g}; "
+                f"{memory_gb:g} looks like one)")
+    return None
+
+
 def parse(path):
     """Rows of one results file, numbered as experiments, and a list of "file:line: why" warnings."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8", errors="replace")  # OSError if unreadable
     rows, warnings = [], []
     number = None  # the next experiment number, once the baseline is found
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Lines end at '\n' only: U+2028 or U+0085 inside a description do not split a row. A BOM is no data.
+    for lineno, line in board.lines_of(path.read_text(encoding="utf-8-sig", errors="replace")):
         where = f"{path}:{lineno}"
         if not line.strip():
             continue
-        fields = line.split("\t", 4)
+        fields = line.split("\t")
         spaced = len(fields) < 5
         if spaced:
             # A common slip: spaces instead of tabs. Read it, but say so.
@@ -102,7 +144,11 @@ def parse(path):
         if len(fields) < 5:
             warnings.append(f"{where}: expected 5 tab-separated columns; skipped")
             continue
-        commit, val, mem, status, desc = (f.strip() for f in fields)
+        if len(fields) > 5:
+            # Not merged into the description: a stray tab would hide where a column went.
+            warnings.append(f"{where}: {len(fields) - 5} extra tab-separated column(s) after the description, "
+                            f"ignored: {' | '.join(fields[5:])[:80]!r}")
+        commit, val, mem, status, desc = (f.strip() for f in fields[:5])
         status = status.lower()
         try:
             val_bpb, memory_gb = float(val), float(mem)
@@ -112,8 +158,9 @@ def parse(path):
         if status not in STATUSES:
             warnings.append(f"{where}: unknown status {status!r} (want {'|'.join(STATUSES)}); skipped")
             continue
-        if status != "crash" and not (math.isfinite(val_bpb) and val_bpb > 0):
-            warnings.append(f"{where}: status {status} with val_bpb {val}; skipped (a crash?)")
+        rule = _swapped(status, val_bpb, memory_gb) or board.implausible(status, val_bpb)
+        if rule:
+            warnings.append(f"{where}: status {status} with val_bpb {val}: {rule}; skipped")
             continue
         if not math.isfinite(memory_gb):
             warnings.append(f"{where}: memory_gb {mem} is not a finite number; read as unknown")
@@ -453,6 +500,248 @@ def plot(summaries, out_path):
 
 
 # =============================================================================
+# A night's board: the frontier across workers
+# =============================================================================
+
+def is_board(path):
+    """True for a board file (spawn.sh's results/<tag>-board.tsv): its header starts time, worker, commit."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    return [c.strip().lower() for c in first.split("\t")[:3]] == list(board.COLUMNS[:3])
+
+
+def _git(repo, *args, stdin=None):
+    import subprocess
+    out = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise OSError((out.stderr.strip().splitlines() or [f"git {args[0]} failed"])[0])
+    return out.stdout
+
+
+def chain_to_best(repo, best, kept):
+    """The kept commits that are ancestors of the best (by git ancestry, whatever worker made them),
+    oldest first, and a note when git cannot tell: (rows or None, note or None)."""
+    try:
+        repo = repo or _git(Path.cwd(), "rev-parse", "--show-toplevel").strip()
+        asked = [row["commit"] for row in kept]
+        answers = _git(repo, "cat-file", "--batch-check=%(objectname) %(objecttype)",
+                       stdin="".join(f"{c}\n" for c in asked)).splitlines()
+        full = {c: a.split()[0] for c, a in zip(asked, answers) if a.endswith(" commit")}
+        if best["commit"] not in full:
+            return None, f"commit {best['commit']} is not in {repo}: pass --repo, the repository of the night"
+        order = _git(repo, "rev-list", full[best["commit"]]).split()  # newest first
+    except (OSError, ValueError) as e:
+        return None, f"git ancestry unavailable ({e})"
+    position = {sha: i for i, sha in enumerate(order)}
+    chain = sorted((row for row in kept if full.get(row["commit"]) in position),
+                   key=lambda row: -position[full[row["commit"]]])
+    prev = None
+    for row in chain:
+        row["delta"] = None if prev is None else round(row["val_bpb"] - prev, 6)
+        prev = row["val_bpb"]
+    return chain, None
+
+
+def summarize_board(entries, path="board.tsv", warnings=(), repo=None):
+    """A night's board: its frontier over time, each worker's gains, the adoptions, and the chain of kept
+    edits that led to the best (see the board section of the module docstring)."""
+    start = min((e.epoch for e in entries), default=0)
+
+    def point(e, **extra):
+        return dict(asdict(e), minutes=round((e.epoch - start) / 60, 3), **extra)
+
+    first = next((e for e in entries if e.status == "keep"), None)  # the baseline: where the frontier starts
+    baseline = point(first, delta=None) if first else None
+    frontier, adoptions, kept, workers = [baseline] if first else [], [], {}, {}
+    best = baseline
+    for e in entries:
+        w = workers.setdefault(e.worker, {"experiments": 0, "kept": 0, "discarded": 0, "crashed": 0, "baselines": 0,
+                                          "noise_runs": 0, "own_gain": 0.0, "frontier_moves": 0, "frontier_gain": 0.0,
+                                          "adopted": 0, "adopted_from_it": 0, "best": None})
+        if e.status == "keep" and e.commit[:7] == first.commit[:7]:
+            w["baselines"] += 1
+        elif e.status == "noise":
+            w["noise_runs"] += 1
+        elif e.status in ("keep", "discard", "crash"):
+            w["experiments"] += 1
+            w[{"keep": "kept", "discard": "discarded", "crash": "crashed"}[e.status]] += 1
+        if e.status not in ("keep", "adopt"):
+            continue
+        bar = w["best"]["val_bpb"] if w["best"] else None
+        if w["best"] is None or e.val_bpb < bar:
+            w["best"] = point(e)
+        if e.status == "adopt":
+            source = kept.get(e.commit[:7])
+            adoptions.append(point(e, source=source["worker"] if source else None, previous_best=bar))
+            w["adopted"] += 1
+            if source:
+                workers[source["worker"]]["adopted_from_it"] += 1
+                source["adopted_by"].append(e.worker)
+            continue
+        if e.commit[:7] == first.commit[:7]:
+            continue  # each worker's baseline run: the night's start, not a step
+        kept.setdefault(e.commit[:7], point(e, adopted_by=[]))
+        if bar is not None and e.val_bpb < bar:
+            w["own_gain"] += bar - e.val_bpb
+        if e.val_bpb < best["val_bpb"]:
+            workers[e.worker]["frontier_moves"] += 1
+            workers[e.worker]["frontier_gain"] += best["val_bpb"] - e.val_bpb
+            frontier.append(point(e, delta=round(e.val_bpb - best["val_bpb"], 6)))
+            best = frontier[-1]
+    for w in workers.values():
+        w["own_gain"], w["frontier_gain"] = round(w["own_gain"], 6), round(w["frontier_gain"], 6)
+    chain, note = (None, "no kept result yet")
+    if best is not None:
+        rows = [dict(baseline, adopted_by=[])] + list(kept.values())
+        chain, note = chain_to_best(repo, best, rows)
+    fingerprints = {}
+    for e in entries:
+        if e.data not in ("-", ""):
+            fingerprints[e.data] = fingerprints.get(e.data, 0) + 1
+    warnings = list(warnings)
+    if len(fingerprints) > 1:
+        warnings.append(f"{path}: rows with {len(fingerprints)} data fingerprints ({', '.join(fingerprints)}): "
+                        "val_bpb on different data does not compare")
+    improvement = baseline["val_bpb"] - best["val_bpb"] if best else None
+    return {
+        "board": str(path),
+        "rows": len(entries),
+        "minutes": round((max(e.epoch for e in entries) - start) / 60, 3) if entries else 0,
+        "baseline": baseline,
+        "best": best,
+        "improvement": round(improvement, 6) if best else None,
+        "improvement_pct": round(100 * improvement / baseline["val_bpb"], 4) if best else None,
+        "frontier": frontier,
+        "workers": workers,
+        "adoptions": adoptions,
+        "chain": chain,
+        "chain_note": note,
+        "fingerprints": fingerprints,
+        "warnings": warnings,
+        "_entries": entries,  # for the plot; left out of the JSON output
+    }
+
+
+def _clock(minutes):
+    seconds = int(round(minutes * 60))
+    return f"+{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def report_board(b):
+    lines = [f"== {b['board']}: the night's board =="]
+    if b["baseline"] is None:
+        lines.append(f"no kept result yet ({b['rows']} rows)")
+        return "\n".join(lines)
+    n = {k: sum(w[k] for w in b["workers"].values()) for k in ("experiments", "kept", "discarded", "crashed",
+                                                                 "baselines")}
+    lines.append(f"{len(b['workers'])} workers, {n['experiments']} experiments after {n['baselines']} baseline runs "
+                 f"({n['kept']} kept, {n['discarded']} discarded, {n['crashed']} crashed), "
+                 f"{len(b['adoptions'])} adoptions, {b['rows']} rows over {_clock(b['minutes'])[1:]}")
+    base, best = b["baseline"], b["best"]
+    lines.append(f"baseline:    {base['val_bpb']:.6f}  {base['worker']} {base['commit']}  {base['description']}")
+    lines.append(f"best:        {best['val_bpb']:.6f}  {best['worker']} {best['commit']}  {best['description']}")
+    lines.append(f"improvement: {b['improvement']:.6f}  ({b['improvement_pct']:.2f}% of the baseline)")
+    lines += ["", "frontier (each new best of the night, with the worker that found it):"]
+    for p in b["frontier"]:
+        delta = f"{p['delta']:+.6f}" if p["delta"] is not None else " " * 9
+        lines.append(f"  {_clock(p['minutes'])}  {p['worker']:<6} {p['commit']:<8} {p['val_bpb']:.6f}  {delta}  "
+                     f"{_short(p['description'], 60)}")
+    lines += ["", "gains per worker (own: its kept steps over its own best; frontier: over the night's best):",
+              f"  {'worker':<8}{'exps':>6}{'kept':>6}{'disc':>6}{'crash':>6}{'own gain':>10}{'moves':>7}"
+              f"{'frontier':>10}{'adopted':>9}{'taken':>7}  best"]
+    for name, w in b["workers"].items():
+        mine = f"{w['best']['val_bpb']:.6f} {w['best']['commit']}" if w["best"] else "-"
+        lines.append(f"  {name:<8}{w['experiments']:>6}{w['kept']:>6}{w['discarded']:>6}{w['crashed']:>6}"
+                     f"{w['own_gain']:>10.6f}{w['frontier_moves']:>7}{w['frontier_gain']:>10.6f}{w['adopted']:>9}"
+                     f"{w['adopted_from_it']:>7}  {mine}")
+    lines.append("  (moves: new bests of the night it found; adopted: times it took another's best; "
+                 "taken: times others took its)")
+    if b["adoptions"]:
+        lines += ["", "adoptions:"]
+        for a in b["adoptions"]:
+            before = f"; its best was {a['previous_best']:.6f}" if a["previous_best"] is not None else ""
+            lines.append(f"  {_clock(a['minutes'])}  {a['worker']} took {a['source'] or '?'}'s {a['commit']} "
+                         f"({a['val_bpb']:.6f}{before})")
+    lines += ["", f"best commit: {best['commit']} ({best['val_bpb']:.6f}, {best['worker']})"]
+    if b["chain"] is None:
+        lines.append(f"chain of kept edits: unavailable: {b['chain_note']}")
+    else:
+        lines.append("chain of kept edits that led to it (git ancestry, across workers, oldest first):")
+        for c in b["chain"]:
+            delta = f"{c['delta']:+.6f}" if c["delta"] is not None else " " * 9
+            taken = f"  (adopted by {', '.join(c['adopted_by'])})" if c["adopted_by"] else ""
+            lines.append(f"  {c['commit']:<8} {c['worker']:<6} {c['val_bpb']:.6f}  {delta}  "
+                         f"{_short(c['description'], 50)}{taken}")
+    return "\n".join(lines)
+
+
+def board_json(b):
+    return _json_safe({k: v for k, v in b.items() if not k.startswith("_")})
+
+
+def plot_board(b, out_path):
+    """The night's frontier over time (a step line, each new best labelled with its worker), every run
+    as a marker coloured by worker; written to out_path (folders made)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(12, 6.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    entries, frontier = b["_entries"], b["frontier"]
+    # The x axis in the unit that suits the night: seconds for a test, hours for a real night.
+    unit, per_minute = ("hours", 1 / 60) if b["minutes"] > 180 else ("seconds", 60) if b["minutes"] < 2 else ("minutes", 1)
+    if not frontier:
+        ax.text(0.5, 0.5, "no kept result yet", ha="center", va="center", transform=ax.transAxes)
+    else:
+        start = min(e.epoch for e in entries)
+        low, base = b["best"]["val_bpb"], b["baseline"]["val_bpb"]
+        span = max(base - low, 1e-3)
+        top = base + 0.5 * span
+        ax.set_ylim(low - 0.3 * span, top)
+        colors = {name: f"C{i}" for i, name in enumerate(b["workers"])}
+        style = {"keep": dict(marker="o", s=36), "noise": dict(marker="D", s=16),
+                 "discard": dict(marker="o", s=28, facecolors="none"), "adopt": dict(marker="P", s=90)}
+        for e in entries:
+            x = (e.epoch - start) / 60 * per_minute
+            if e.status == "crash" or (e.status == "discard" and e.val_bpb > top):
+                marker = "x" if e.status == "crash" else "^"
+                ax.scatter([x], [0.03 if e.status == "crash" else 0.97], transform=ax.get_xaxis_transform(),
+                           marker=marker, s=30, color=colors[e.worker], alpha=0.8, facecolors="none"
+                           if marker == "^" else None)
+            elif e.status in style:
+                st = dict(style[e.status])
+                st["edgecolors" if st.get("facecolors") == "none" else "color"] = colors[e.worker]
+                ax.scatter([x], [e.val_bpb], zorder=4 if e.status != "discard" else 3, gid=e.status, **st)
+        end = (max(e.epoch for e in entries) - start) / 60 * per_minute
+        xs = [p["minutes"] * per_minute for p in frontier] + [end]
+        ys = [p["val_bpb"] for p in frontier] + [frontier[-1]["val_bpb"]]
+        ax.step(xs, ys, where="post", color="black", linewidth=2, zorder=2, label="the night's best")
+        texts = [ax.annotate(f"{p['worker']}: {_short(p['description'], 32)}", (p["minutes"] * per_minute, p["val_bpb"]),
+                             xytext=(4, -4), textcoords="offset points", va="top", rotation=-20, fontsize=7,
+                             color=colors[p["worker"]]) for p in frontier[1:]]
+        handles = [ax.get_legend_handles_labels()[0][0]]
+        handles += [Line2D([], [], linestyle="none", marker="o", color=c, label=name) for name, c in colors.items()]
+        handles += [Line2D([], [], linestyle="none", marker=m, color="0.35", markerfacecolor=f, label=label)
+                    for m, f, label in (("o", "0.35", "kept"), ("o", "none", "discarded"), ("P", "0.35", "adopted"),
+                                        ("x", "0.35", "crash"))]
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize=8)
+        ax.set_title(f"the night's frontier: {len(b['workers'])} workers, {len(b['adoptions'])} adoptions, "
+                     f"val_bpb {base:.6f} -> {low:.6f}")
+    ax.set_xlabel(f"{unit} since the first post")
+    ax.set_ylabel("val_bpb (lower is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if frontier:
+        _keep_inside(fig, ax, texts)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    return fig
+
+
+# =============================================================================
 # Command line
 # =============================================================================
 
@@ -471,6 +760,8 @@ if __name__ == "__main__":
                         help="also write a progress plot to this file (missing folders are made)")
     parser.add_argument("--noise", type=float, metavar="X",
                         help="val_bpb spread to treat as noise (default: measured from 'noise' rows)")
+    parser.add_argument("--repo", metavar="DIR",
+                        help="a board's git repository, for the chain of kept edits (default: the board's own)")
     args = parser.parse_args()
     if args.noise is not None and not (math.isfinite(args.noise) and args.noise >= 0):
         parser.error(f"--noise must be a spread >= 0 (a finite number), got {args.noise}")
@@ -489,14 +780,28 @@ if __name__ == "__main__":
     if missing:
         fail(f"results file not found: {', '.join(missing)}")
     try:
-        summaries = load(args.tsv, noise=args.noise)
+        boards = [p for p in args.tsv if is_board(p)]
+        if boards and len(args.tsv) > 1:
+            fail(f"{boards[0]} is a board: read it alone (it holds every worker of its night)")
+        if boards and args.noise is not None:
+            parser.error("--noise is for results files, not a board")
+        if boards:
+            entries, warnings = board.read(boards[0])
+            night = summarize_board(entries, boards[0], warnings, args.repo or Path(boards[0]).resolve().parent)
+            for w in night["warnings"][:MAX_WARNINGS]:
+                print(f"warning: {w}", file=sys.stderr)
+        else:
+            summaries = load(args.tsv, noise=args.noise)
     except OSError as e:
         fail(f"cannot read {e.filename}: {e.strerror}")
     # Everything is computed before anything is printed: a plot that cannot be written leaves no half output.
-    text = json.dumps(to_json(summaries), indent=2, allow_nan=False) if args.json else report(summaries)
+    if boards:
+        text = json.dumps(board_json(night), indent=2, allow_nan=False) if args.json else report_board(night)
+    else:
+        text = json.dumps(to_json(summaries), indent=2, allow_nan=False) if args.json else report(summaries)
     if args.plot:
         try:
-            plot(summaries, args.plot)
+            plot_board(night, args.plot) if boards else plot(summaries, args.plot)
         except OSError as e:
             fail(f"cannot write the plot {args.plot}: {e.strerror or e}")
     try:

@@ -5,18 +5,25 @@ a tiny model, and what a clean failure looks like. Test files import from here,
 never from each other.
 """
 
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from autoresearch import board  # noqa: E402 (stdlib only: light)
+from stand_in import FAKE_TRAIN  # noqa: E402
 
 # =============================================================================
 # A tiny corpus: English-like prose, numbers, code, CJK, kana, emoji
@@ -165,11 +172,226 @@ def tiny_model(n_layer=2, n_embd=64, n_head=2, n_kv_head=None, vocab_size=97, se
 
     from train import GPT, GPTConfig
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # as main(): the global stream too, for whatever a test draws next
     config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                        n_kv_head=n_kv_head or n_head, n_embd=n_embd, window_pattern=window_pattern)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device="cpu")
-    model.init_weights()
+    model.init_weights(seed)
     return model
+
+
+# =============================================================================
+# spawn.sh in a throwaway git repository, with stand-in agents
+# =============================================================================
+
+REPO = ROOT
+SPAWN = REPO / "spawn.sh"
+LAUNCHER = ("spawn.sh", "autoresearch/launch.py", "autoresearch/board.py")  # what spawn.sh needs
+PROMPT = "Read program.md and follow the instructions."
+
+STAND_IN = r"""#!/usr/bin/env bash
+# Stand-in agent: $1 = folder for its report; the prompt is the last argument.
+out=$1
+report="$out/gpu$CUDA_VISIBLE_DEVICES.txt"
+printf '%s\n' "${AUTORESEARCH_CACHE-unset}" > "$out/cache$CUDA_VISIBLE_DEVICES"
+printf '%s\n' "${AUTORESEARCH_RUN-unset}" > "$out/run$CUDA_VISIBLE_DEVICES"
+env -0 > "$out/env$CUDA_VISIBLE_DEVICES"
+printf '%s\n%s\n%s\n' "$CUDA_VISIBLE_DEVICES" "$PWD" "${!#}" > "$report.tmp"
+mv "$report.tmp" "$report"
+[[ -f results.tsv ]] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\n' > results.tsv
+printf 'abc1234\t0.997900\t44.0\tkeep\tbaseline gpu%s\n' "$CUDA_VISIBLE_DEVICES" >> results.tsv
+read -r -p '> ' reply
+printf '%s\n' "$reply" > "$out/gpu$CUDA_VISIBLE_DEVICES.nudge"
+sleep 600
+"""
+
+
+def git(repo, *args):
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+class Sandbox:
+    """A throwaway repo with spawn.sh, its own tmux server and a stand-in agent.
+
+    <files>: more of this repo's files to commit there; <venv>: link the repo's
+    real .venv (else a dummy folder with a marker file)."""
+
+    def __init__(self, tmp_path, socket, agent_script=STAND_IN, files=(), venv=False):
+        self.repo = tmp_path / "repo"
+        self.out = tmp_path / "out"
+        self.socket = socket
+        self.repo.mkdir()
+        self.out.mkdir()
+        for name in (*LAUNCHER, *files):
+            (self.repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / name, self.repo / name)
+        (self.repo / "program.md").write_text("# program\nRun experiments.\n")
+        (self.repo / ".gitignore").write_text("worktrees/\nresults/\nresults.tsv\nrun.log\n.venv\n")
+        if venv:
+            (self.repo / ".venv").symlink_to(REPO / ".venv")
+        else:
+            (self.repo / ".venv").mkdir()
+            (self.repo / ".venv" / "marker").write_text("venv\n")
+        agent = tmp_path / "agent.sh"
+        agent.write_text(agent_script)
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        self.fake_nvidia_smi(8)
+        self.env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE", "CUDA_VISIBLE_DEVICES")}
+        self.env.update(
+            PATH=f"{self.bin}:{os.environ['PATH']}",
+            TMUX_SOCKET=socket,
+            WATCH_INTERVAL="600",
+            AUTORESEARCH_AGENT_CMD=f"bash {agent} {self.out}",
+            GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid",
+            GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.invalid",
+        )
+        git(self.repo, "init", "-q", "-b", "main")
+        git(self.repo, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "add", "-A")
+        git(self.repo, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "init")
+        self.head = git(self.repo, "rev-parse", "HEAD")
+
+    def fake_nvidia_smi(self, n_gpus):
+        """`nvidia-smi -L` of a machine with <n_gpus> GPUs (None: no nvidia-smi)."""
+        tool = self.bin / "nvidia-smi"
+        tool.unlink(missing_ok=True)
+        if n_gpus is not None:
+            lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})\\n" for i in range(n_gpus))
+            tool.write_text(f"#!/usr/bin/env bash\nprintf '{lines}'\n")
+            tool.chmod(0o755)
+
+    def close(self):
+        """Our private tmux server (the watchers are windows of its sessions)."""
+        self.tmux("kill-server")
+        # tmux leaves the socket file behind; it lives where `tmux -L` puts it.
+        tmux_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+        (tmux_dir / self.socket).unlink(missing_ok=True)
+
+    def spawn(self, *args, **env):
+        e = dict(self.env)
+        e.update(env)
+        return subprocess.run(["bash", "spawn.sh", *args], cwd=self.repo, env=e,
+                              capture_output=True, text=True, timeout=60)
+
+    def tmux(self, *args):
+        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True)
+
+    def has_session(self, tag):
+        return self.tmux("has-session", "-t", f"=autoresearch-{tag}").returncode == 0
+
+    def branches(self):
+        out = git(self.repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/autoresearch/")
+        return sorted(out.split())
+
+    def worktrees(self):
+        return sorted(p.name for p in (self.repo / "worktrees").glob("gpu*")) if (self.repo / "worktrees").exists() else []
+
+    def watcher_pid(self, tag):
+        """The pid of the watcher: the process of the session's window 'watcher'."""
+        out = self.tmux("list-panes", "-t", f"=autoresearch-{tag}:watcher", "-F", "#{pane_pid}").stdout.strip()
+        return int(out) if out.isdigit() else None
+
+    def report(self, gpu, timeout=10.0):
+        """What the stand-in on <gpu> wrote: (CUDA_VISIBLE_DEVICES, cwd, prompt)."""
+        path = self.out / f"gpu{gpu}.txt"
+        wait_for(path.exists, timeout, f"stand-in agent on gpu{gpu} never reported")
+        return tuple(path.read_text().splitlines())
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(what)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def make_sandbox(tmp_path, request, **kwargs):
+    missing = [tool for tool in ("git", "tmux") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"spawn.sh tests need {' and '.join(missing)}: install them (apt-get install -y tmux; .ci/run does)")
+    return Sandbox(tmp_path, f"autoresearch-test-{os.getpid()}-{request.node.name}"[:90], **kwargs)
+
+
+# =============================================================================
+# A night of three stand-in agents (tests/stand_in.py) that share the board
+# =============================================================================
+
+# gpu0 takes gpu1's first gain and finds a big one on top; gpu1 takes that and adds its own; gpu2 takes
+# gpu1's (or a later commit on it) and adds a third. gpu1 skips "gelu", which gpu0 discarded. The best
+# is a chain of kept edits from three workers. The waits ("after") and the gains (each adoption wins by
+# more than CONFIRM_THRESHOLD, whatever else ran first) make that so however fast each stand-in runs;
+# which other adoptions happen on the way depends on timing.
+NIGHT_PLAN = {
+    "gpu0": [{"name": "swiglu", "gain": 0.010, "after": ["gpu1", "matrix_lr"]}, {"name": "gelu", "gain": -0.004},
+             {"name": "rope_base", "gain": 0.0015}, {"name": "width_x2", "crash": True}],
+    "gpu1": [{"name": "matrix_lr", "gain": 0.003}, {"name": "qk_norm", "gain": 0.005, "after": ["gpu0", "swiglu"]},
+             {"name": "gelu", "gain": -0.004, "after": ["gpu0", "gelu"]}],
+    "gpu2": [{"name": "depth_9", "gain": -0.002}, {"name": "window_sssl", "gain": 0.002},
+             {"name": "warmdown", "gain": 0.003, "after": ["gpu1", "qk_norm"]}],
+}
+
+
+def start_night(sb, tag, *launch_args, **env):
+    """Commit a fake train.py into the sandbox and launch three stand-ins on it."""
+    (sb.repo / "train.py").write_text("# stand-in train.py: each GAIN_ line is a kept idea\nBASE = 1.0\n")
+    (sb.repo / "fake_train.py").write_text(FAKE_TRAIN)
+    git(sb.repo, "add", "-A")
+    git(sb.repo, "commit", "-qm", "stand-in train.py")
+    sb.head = git(sb.repo, "rev-parse", "HEAD")
+    plan = sb.out / "plan.json"
+    plan.write_text(json.dumps(NIGHT_PLAN))
+    agent = f"{sys.executable} {REPO / 'tests' / 'stand_in.py'} {plan} {sb.out}"
+    r = sb.spawn("launch", tag, *launch_args, "x:0", "x:1", "x:2", AUTORESEARCH_AGENT_CMD=agent, **env)
+    assert r.returncode == 0, r.stderr
+    for w in NIGHT_PLAN:
+        log = sb.out / f"{w}.log"
+        wait_for(lambda: log.exists() and "plan done" in log.read_text(), 180,
+                 f"{w} never finished its plan: {log.read_text() if log.exists() else 'no log'}")
+
+
+def check_night(sb, tag):
+    """What any night of NIGHT_PLAN must show, on the board and in analysis.py's report."""
+    path = board.board_file(sb.repo, tag)
+    entries, warnings = board.read(path)
+    assert warnings == []
+    by = lambda w, status: [e for e in entries if e.worker == w and e.status == status]  # noqa: E731
+    kept = {e.description: e for e in entries if e.status == "keep"}
+    # gpu0 took gpu1's matrix_lr, gpu1 took gpu0's swiglu, gpu2 took qk_norm or a commit on it: their
+    # branches really moved there.
+    assert kept["matrix_lr"].commit in [e.commit for e in by("gpu0", "adopt")]
+    assert kept["swiglu"].commit in [e.commit for e in by("gpu1", "adopt")]
+    assert by("gpu2", "adopt")
+    for ancestor, branch in ((kept["matrix_lr"], "gpu0"), (kept["swiglu"], "gpu1"), (kept["qk_norm"], "gpu2")):
+        assert subprocess.run(["git", "-C", str(sb.repo), "merge-base", "--is-ancestor", ancestor.commit,
+                               f"autoresearch/{tag}-{branch}"]).returncode == 0
+    assert "gelu" not in [e.description for e in entries if e.worker == "gpu1"]   # gpu0 discarded it
+    assert "skip gelu" in (sb.out / "gpu1.log").read_text()
+    assert [(e.description, e.val_bpb) for e in by("gpu0", "crash")] == [("width_x2", None)]
+    assert all(e.seed == 42 and len(e.data) == 12 for e in entries if e.status in ("keep", "discard"))
+    assert {e.description for e in entries if e.status == "running"} >= {"swiglu", "qk_norm", "warmdown"}
+
+    r = subprocess.run([sys.executable, str(REPO / "analysis.py"), str(path), "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    night = json.loads(r.stdout)
+    assert night["best"]["description"] == "warmdown" and night["best"]["worker"] == "gpu2"
+    chain = [(c["description"], c["worker"]) for c in night["chain"]]
+    assert chain[0][0] == "baseline" and chain[-1] == ("warmdown", "gpu2")
+    assert [c for c in chain if c[0] != "rope_base"][1:] == \
+        [("matrix_lr", "gpu1"), ("swiglu", "gpu0"), ("qk_norm", "gpu1"), ("warmdown", "gpu2")]
+    assert night["improvement"] >= 0.02
+    assert {(a["worker"], a["source"]) for a in night["adoptions"]} >= {("gpu0", "gpu1"), ("gpu1", "gpu0")}
+    assert night["workers"]["gpu0"]["adopted_from_it"] >= 1 and night["workers"]["gpu2"]["frontier_moves"] >= 1
+    return night

@@ -83,10 +83,15 @@ def test_parse_skips_and_warns(night):
     ("abc\t0.99\t44.0\tmaybe\tx", "unknown status"),
     ("abc\t0.000000\t0.0\tkeep\tx", "a crash?"),
     ("abc\t0.99", "expected 5"),
+    # Implausible numbers (issue 22): skipped, naming the rule.
+    ("abc\t1e-300\t44.0\tkeep\tx", "below 0.01 is implausible"),
+    ("abc\t0.000001\t44.0\tdiscard\tx", "below 0.01 is implausible"),
+    ("abc\t44.000000\t44.0\tkeep\tx", "above 16 bits per byte is implausible"),
+    ("abc\t44.000000\t0.9979\tdiscard\tx", "val_bpb and memory_gb look swapped"),
 ])
 def test_parse_rejects_malformed_rows(tmp_path, line, why):
     rows, warnings = analysis.parse(write(tmp_path, "r.tsv", HEADER + line + "\n"))
-    assert rows == [] and len(warnings) == 1 and why in warnings[0]
+    assert rows == [] and len(warnings) == 1 and why in warnings[0] and "skipped" in warnings[0]
 
 
 def test_summary_numbers(night):
@@ -264,7 +269,7 @@ def test_json_has_no_nan_or_infinity(tmp_path):
     assert s["baseline"]["memory_gb"] is None and s["best"]["memory_gb"] is None
     assert (s["experiments"], s["kept"], s["crashed"]) == (3, 1, 2)
     assert "memory_gb nan is not a finite number; read as unknown" in r.stderr
-    assert f"{path}:6: status discard with val_bpb inf; skipped" in r.stderr
+    assert f"{path}:6: status discard with val_bpb inf: a result needs a finite val_bpb > 0" in r.stderr
     assert "1.000000  (#0 a, ? GB) baseline" in run_cli(path).stdout
 
 
@@ -409,3 +414,169 @@ def test_import_is_light():
     code = "import sys; sys.path.insert(0, %r); import analysis; print('matplotlib' in sys.modules)" % str(REPO)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# =============================================================================
+# Rows not to trust (issue 22): swapped columns, extra columns, a BOM, line separators
+# =============================================================================
+
+def test_a_baseline_with_swapped_columns_is_not_trusted(tmp_path):
+    # Before: read as a baseline of 44.0 bpb, and a "97.74 % improvement".
+    path = write(tmp_path, "r.tsv", HEADER + "a1b2c3d\t44.0\t0.997900\tkeep\tbaseline\n"
+                                              "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline, again\n"
+                                              "b2c3d4e\t0.993200\t44.2\tkeep\tincrease matrix LR\n")
+    r = run_cli(path)
+    assert r.returncode == 0
+    assert f"{path}:2: status keep with val_bpb 44.0: val_bpb and memory_gb look swapped" in r.stderr
+    assert "baseline:    0.997900" in r.stdout and "(0.47% of the baseline)" in r.stdout
+
+
+def test_a_wild_discard_is_still_a_discard(tmp_path):
+    rows, warnings = analysis.parse(write(tmp_path, "r.tsv", HEADER + "a\t1.0\t44.0\tkeep\tbase\n"
+                                                                     "b\t25.0\t44.0\tdiscard\tdiverged\n"))
+    assert warnings == [] and [r.status for r in rows] == ["keep", "discard"]
+
+
+def test_extra_columns_are_reported_not_merged(tmp_path):
+    path = write(tmp_path, "r.tsv", HEADER + "a\t1.0\t44.0\tkeep\tbaseline\tseed 42\tmore\n")
+    rows, warnings = analysis.parse(path)
+    assert rows[0].description == "baseline"      # before: "baseline\tseed 42\tmore"
+    assert len(warnings) == 1 and "2 extra tab-separated column(s)" in warnings[0] and "seed 42" in warnings[0]
+
+
+def test_a_bom_is_not_a_data_row(tmp_path):
+    path = tmp_path / "results.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + NIGHT.encode())
+    rows, warnings = analysis.parse(path)
+    assert len(rows) == 7 and len(warnings) == 2    # NIGHT's own two (before: a third, the header)
+    assert not any(":1:" in w for w in warnings)
+
+
+def test_lines_end_at_newline_only(tmp_path):
+    # U+2028, U+0085 and a form feed are characters of a description, not line ends.
+    path = write(tmp_path, "r.tsv", HEADER + "a\t1.0\t44.0\tkeep\tbase\u2028line\n"
+                                              "b\t0.9\t44.0\tkeep\tnext\x85line\x0cand more\r\n"
+                                              "c\t0.8\t44.0\tkeep\tthird\n")
+    rows, warnings = analysis.parse(path)
+    assert warnings == [] and [r.line for r in rows] == [2, 3, 4]
+    assert [r.description for r in rows] == ["base\u2028line", "next\x85line\x0cand more", "third"]
+
+
+# =============================================================================
+# A night's board: frontier, gains per worker, adoptions, the chain of kept edits
+# =============================================================================
+
+def _commit(repo, message, parent=None):
+    if parent:
+        subprocess.run(["git", "-C", str(repo), "checkout", "-q", parent], check=True)
+    (repo / "train.py").write_text(f"# {message}\n")
+    for args in (["add", "train.py"], ["-c", "user.name=t", "-c", "user.email=t@x", "commit", "-qm", message]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+@pytest.fixture
+def night_board(tmp_path):
+    """A repository whose history is a night of three workers, and its board in results/."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    base = _commit(repo, "baseline")
+    lr = _commit(repo, "matrix lr", base)            # gpu1, then left behind when it adopts
+    swiglu = _commit(repo, "swiglu", base)           # gpu0
+    qk = _commit(repo, "qk norm", swiglu)            # gpu1, on gpu0's swiglu
+    depth = _commit(repo, "depth 9", swiglu)         # gpu2, on gpu0's swiglu: a discard
+    warm = _commit(repo, "warmdown", qk)             # gpu2, on gpu1's qk norm
+    rows = [
+        (0, "gpu0", base, "1.000000", "keep", "baseline"), (1, "gpu1", base, "1.000100", "keep", "baseline"),
+        (1, "gpu2", base, "0.999900", "keep", "baseline"), (2, "gpu1", lr, "-", "running", "matrix lr"),
+        (5, "gpu1", lr, "0.997000", "keep", "matrix lr"), (6, "gpu0", swiglu, "0.990000", "keep", "swiglu"),
+        (7, "gpu2", swiglu, "0.990000", "adopt", "from gpu0: swiglu"),
+        (8, "gpu1", swiglu, "0.990000", "adopt", "from gpu0: swiglu"),
+        (12, "gpu1", qk, "0.985000", "keep", "qk norm"), (13, "gpu2", depth, "0.992000", "discard", "depth 9"),
+        (14, "gpu0", "eeeeeee", "-", "crash", "width x2 (OOM)"),
+        (15, "gpu2", qk, "0.985000", "adopt", "from gpu1: qk norm"),
+        (20, "gpu2", warm, "0.981000", "keep", "warmdown"),
+    ]
+    (repo / "results").mkdir()
+    path = repo / "results" / "n1-board.tsv"
+    path.write_text("\t".join(board.COLUMNS) + "\n" + "".join(
+        f"2026-03-05T01:{m:02d}:00Z\t{w}\t{c}\t{v}\t{s}\t42\tabc123def456\t{d}\n" for m, w, c, v, s, d in rows))
+    return path, dict(base=base, lr=lr, swiglu=swiglu, qk=qk, warm=warm)
+
+
+from autoresearch import board  # noqa: E402
+
+
+def test_board_summary(night_board):
+    path, c = night_board
+    entries, warnings = board.read(path)
+    b = analysis.summarize_board(entries, path, warnings, repo=path.parent)
+    assert warnings == [] and b["rows"] == 13 and b["minutes"] == 20
+    assert [(p["worker"], p["commit"], p["delta"]) for p in b["frontier"]] == [
+        ("gpu0", c["base"], None), ("gpu1", c["lr"], -0.003), ("gpu0", c["swiglu"], -0.007),
+        ("gpu1", c["qk"], -0.005), ("gpu2", c["warm"], -0.004)]
+    assert b["improvement"] == pytest.approx(0.019) and b["best"]["commit"] == c["warm"]
+    w = b["workers"]
+    assert (w["gpu0"]["experiments"], w["gpu0"]["kept"], w["gpu0"]["crashed"], w["gpu0"]["baselines"]) == (2, 1, 1, 1)
+    assert (w["gpu0"]["frontier_moves"], w["gpu0"]["frontier_gain"], w["gpu0"]["adopted_from_it"]) == (1, 0.007, 2)
+    # gpu1's own gain: its baseline run (1.0001) to matrix lr, then from the adopted 0.99 to qk norm.
+    assert (w["gpu1"]["frontier_moves"], w["gpu1"]["own_gain"], w["gpu1"]["adopted"]) == (2, 0.0081, 1)
+    assert (w["gpu2"]["adopted"], w["gpu2"]["discarded"], w["gpu2"]["own_gain"]) == (2, 1, 0.004)
+    assert [(a["worker"], a["source"], a["previous_best"]) for a in b["adoptions"]] == [
+        ("gpu2", "gpu0", 0.9999), ("gpu1", "gpu0", 0.997), ("gpu2", "gpu1", 0.99)]
+    # The chain follows git: matrix lr (left behind by gpu1's adoption) is not in it.
+    assert [(x["commit"], x["worker"], x["delta"]) for x in b["chain"]] == [
+        (c["base"], "gpu0", None), (c["swiglu"], "gpu0", -0.01), (c["qk"], "gpu1", -0.005),
+        (c["warm"], "gpu2", -0.004)]
+    assert b["chain"][1]["adopted_by"] == ["gpu2", "gpu1"]
+
+
+def test_board_report_json_and_plot(night_board, tmp_path):
+    path, c = night_board
+    png = tmp_path / "frontier.png"
+    r = run_cli(path, "--plot", png)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for needle in ("3 workers, 6 experiments after 3 baseline runs (4 kept, 1 discarded, 1 crashed), 3 adoptions, 13 rows over 0:20:00",
+                   f"best:        0.981000  gpu2 {c['warm']}  warmdown", "improvement: 0.019000  (1.90% of the baseline)",
+                   f"+0:06:00  gpu0   {c['swiglu']}  0.990000  -0.007000  swiglu",
+                   f"+0:15:00  gpu2 took gpu1's {c['qk']} (0.985000; its best was 0.990000)",
+                   f"  {c['qk']}  gpu1   0.985000  -0.005000  qk norm  (adopted by gpu2)"):
+        assert needle in out, (needle, out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(run_cli(path, "--json").stdout, parse_constant=_no_constants)
+    assert set(data) == {"board", "rows", "minutes", "baseline", "best", "improvement", "improvement_pct",
+                         "frontier", "workers", "adoptions", "chain", "chain_note", "fingerprints", "warnings"}
+    assert [x["description"] for x in data["chain"]] == ["baseline", "swiglu", "qk norm", "warmdown"]
+
+
+def test_board_chain_without_git(night_board, tmp_path):
+    path, _ = night_board
+    elsewhere = tmp_path / "not-a-repo"
+    elsewhere.mkdir()
+    r = run_cli(path, "--repo", elsewhere)
+    assert r.returncode == 0 and "chain of kept edits: unavailable: git ancestry unavailable" in r.stdout
+
+
+def test_board_is_read_alone(night_board, night):
+    path, _ = night_board
+    r = run_cli(path, night)
+    assert r.returncode == 1 and "is a board: read it alone" in r.stderr
+    r = run_cli(path, "--noise", "0.001")
+    assert r.returncode == 2 and "--noise is for results files" in r.stderr
+
+
+def test_board_mixing_data_fingerprints_is_flagged(tmp_path):
+    path = write(tmp_path, "b.tsv", "\t".join(board.COLUMNS) + "\n"
+                 "2026-03-05T01:00:00Z\tgpu0\taaaaaaa\t1.0\tkeep\t42\tfp1\tbaseline\n"
+                 "2026-03-05T01:05:00Z\tgpu1\tbbbbbbb\t0.9\tkeep\t42\tfp2\tother data\n")
+    r = run_cli(path)
+    assert r.returncode == 0 and "rows with 2 data fingerprints (fp1, fp2)" in r.stderr
+
+
+def test_empty_board(tmp_path):
+    path = write(tmp_path, "b.tsv", "\t".join(board.COLUMNS) + "\n")
+    r = run_cli(path, "--plot", tmp_path / "f.png")
+    assert r.returncode == 0 and "no kept result yet (0 rows)" in r.stdout and (tmp_path / "f.png").is_file()

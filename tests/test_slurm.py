@@ -7,19 +7,22 @@ The module starts munged, slurmctld and slurmd once (tests/slurm_cluster.py:
 127.0.0.1 only, state, spool and logs in a temporary folder, stopped by their
 pid files) and drives spawn.sh in a throwaway repo as test_spawn.py does, with
 stand-in agents that run what program.md runs: `$AUTORESEARCH_RUN <command>`.
-The node has no GPUs, so SLURM_RUN_ARGS leaves out --gres. Needs Debian's
+The node has no GPUs, so SLURM_RUN_ARGS leaves out --gres. test_board.py's
+night of three stand-ins runs here too, each fake run a job, to show the board
+reads the same under Slurm. Needs Debian's
 slurmctld, slurmd, slurm-client and munge (.ci/run installs them): without
 them these tests fail, they do not skip.
 """
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from helpers import REPO, check_night, git, make_sandbox, start_night, wait_for
 from slurm_cluster import INSTALL, SlurmCluster, missing_tools
-from test_spawn import REPO, git, make_sandbox, wait_for
 
 pytestmark = pytest.mark.slurm  # a one-node Slurm cluster: deselect with -m "not slurm"
 
@@ -52,6 +55,10 @@ case "$mode" in
         ;;
     sleep)
         $AUTORESEARCH_RUN sleep 600
+        ;;
+    escape)
+        # An srun that left the night: its own session, none of the night's environment.
+        env -i PATH="$PATH" SLURM_CONF="$SLURM_CONF" setsid $AUTORESEARCH_RUN sleep 600 < /dev/null > /dev/null 2>&1 &
         ;;
 esac
 read -r -p '> ' reply
@@ -119,8 +126,10 @@ def test_each_run_is_a_slurm_job(slurm_box, cluster):
     assert sb.spawn("stop", "s1").returncode == 0
 
 
-@pytest.mark.parametrize("slurm_box", ["sleep"], indirect=True)
-def test_stop_cancels_the_running_job(slurm_box, cluster):
+@pytest.mark.parametrize("slurm_box", ["sleep", "escape"], indirect=True)
+def test_stop_ends_the_running_job(slurm_box, cluster, request):
+    """The job's srun is one of the night's processes: stop ends it, and the job with it. An srun that
+    left the night (escape) is found by its job's name and cancelled."""
     sb = slurm_box
     assert sb.spawn("launch", "--slurm", "s2", "a:3").returncode == 0
     wait_for(lambda: job_names(cluster).get("autoresearch-s2-3", (0, ""))[1] == "RUNNING", 30,
@@ -133,10 +142,11 @@ def test_stop_cancels_the_running_job(slurm_box, cluster):
 
     r = sb.spawn("stop", "s2")
     assert r.returncode == 0, r.stderr
-    assert f"Slurm job(s) {job_id} cancelled" in r.stdout
+    if "escape" in request.node.name:
+        assert f"Slurm job(s) {job_id} cancelled" in r.stdout, r.stdout
     wait_for(lambda: "autoresearch-s2-3" not in job_names(cluster), 30, "the job outlived stop")
     assert sb.branches() == ["autoresearch/s2-gpu3"] and sb.worktrees() == []
-    assert "none" in sb.spawn("status").stdout.split("Slurm jobs")[1]
+    assert "Slurm jobs" not in sb.spawn("status").stdout   # the night is over: nothing to ask Slurm
 
 
 def test_smoke_training_run_through_slurm(tmp_path, request, cluster, prepared_cache):
@@ -160,6 +170,30 @@ def test_smoke_training_run_through_slurm(tmp_path, request, cluster, prepared_c
         commit, val_bpb, memory_gb, status, description = rows[1].split("\t")
         assert commit == git(sb.repo, "rev-parse", "--short", "autoresearch/s3-gpu0")
         assert 0 < float(val_bpb) < 20 and float(memory_gb) >= 0 and status == "keep"
+    finally:
+        sb.close()
+
+
+def test_the_board_under_slurm(tmp_path, request, cluster):
+    """test_board.py's night of three stand-ins, each fake run a Slurm job: the board reads the same."""
+    sb = make_sandbox(tmp_path, request)
+    sb.env = cluster.env(sb.env)
+    sb.env.update(SLURM_RUN_ARGS=RUN_ARGS)
+    try:
+        start_night(sb, "s5", "--slurm")
+        check_night(sb, "s5")
+        for w in (1, 2):
+            assert f"job: autoresearch-s5-{w}\n" in (sb.repo / "worktrees" / f"gpu{w}" / "run.log").read_text()
+        assert "srun: error" in (sb.repo / "worktrees" / "gpu0" / "run.log").read_text()  # its last run crashed
+        # A post from inside a job, on the node, lands on the same board.
+        board = sb.repo / "results" / "s5-board.tsv"
+        env = dict(sb.env, AUTORESEARCH_BOARD=str(board), AUTORESEARCH_WORKER="gpu1")
+        r = subprocess.run(["srun", "--job-name=autoresearch-s5-1", *RUN_ARGS.split(), "bash", "spawn.sh", "board",
+                            "post", "noise", "0.990000", "rerun from a job"], cwd=sb.repo / "worktrees" / "gpu1",
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert board.read_text().rstrip("\n").split("\n")[-1].endswith("\tnoise\t42\tbc4697856eaf\trerun from a job")
+        assert sb.spawn("stop", "s5").returncode == 0
     finally:
         sb.close()
 

@@ -1,19 +1,23 @@
 """
-spawn.sh against a throwaway git repo, with a stand-in for the agent.
+spawn.sh (and the launcher behind it, autoresearch/launch.py) against a
+throwaway git repo, with a stand-in for the agent.
 
     uv run pytest tests/test_spawn.py -v
 
-Each test copies spawn.sh and a minimal program.md into a fresh git repo under
-tmp_path and drives `bash spawn.sh ...` there. AUTORESEARCH_AGENT_CMD points
-at a small bash script that records what its pane sees (CUDA_VISIBLE_DEVICES,
-working directory, last argument = the prompt), appends a row to results.tsv,
-shows a `> ` prompt and waits. A stand-in `nvidia-smi` on PATH lists 8 GPUs.
-Every test uses its own tmux server (TMUX_SOCKET -> `tmux -L`), killed
+Each test copies spawn.sh, autoresearch/launch.py and autoresearch/board.py and
+a minimal program.md into a fresh git repo under tmp_path and drives
+`bash spawn.sh ...` there. AUTORESEARCH_AGENT_CMD points at a small bash
+script that records what its pane sees (CUDA_VISIBLE_DEVICES, working
+directory, environment, last argument = the prompt), appends a row to
+results.tsv, shows a `> ` prompt and waits; other stand-ins leave files or
+stubborn processes behind for stop. A stand-in `nvidia-smi` on PATH lists 8
+GPUs. Every test uses its own tmux server (TMUX_SOCKET -> `tmux -L`), killed
 afterwards, so the user's tmux is never touched. Needs git and tmux (the tests
 fail without them; .ci/run installs tmux); no GPU. The --slurm mode is tested
-against a real one-node cluster in test_slurm.py.
+against a real one-node cluster in test_slurm.py, the board in test_board.py.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -23,149 +27,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SPAWN = REPO / "spawn.sh"
-PROMPT = "Read program.md and follow the instructions."
-
-STAND_IN = r"""#!/usr/bin/env bash
-# Stand-in agent: $1 = folder for its report; the prompt is the last argument.
-out=$1
-report="$out/gpu$CUDA_VISIBLE_DEVICES.txt"
-printf '%s\n' "${AUTORESEARCH_CACHE-unset}" > "$out/cache$CUDA_VISIBLE_DEVICES"
-printf '%s\n' "${AUTORESEARCH_RUN-unset}" > "$out/run$CUDA_VISIBLE_DEVICES"
-printf '%s\n%s\n%s\n' "$CUDA_VISIBLE_DEVICES" "$PWD" "${!#}" > "$report.tmp"
-mv "$report.tmp" "$report"
-[[ -f results.tsv ]] || printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\n' > results.tsv
-printf 'abc1234\t0.997900\t44.0\tkeep\tbaseline gpu%s\n' "$CUDA_VISIBLE_DEVICES" >> results.tsv
-read -r -p '> ' reply
-printf '%s\n' "$reply" > "$out/gpu$CUDA_VISIBLE_DEVICES.nudge"
-sleep 600
-"""
-
-
-# =============================================================================
-# Fixtures and helpers
-# =============================================================================
-
-def git(repo, *args):
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
-
-class Sandbox:
-    """A throwaway repo with spawn.sh, its own tmux server and a stand-in agent.
-
-    <files>: more of this repo's files to commit there; <venv>: link the repo's
-    real .venv (else a dummy folder with a marker file)."""
-
-    def __init__(self, tmp_path, socket, agent_script=STAND_IN, files=(), venv=False):
-        self.repo = tmp_path / "repo"
-        self.out = tmp_path / "out"
-        self.socket = socket
-        self.repo.mkdir()
-        self.out.mkdir()
-        for name in ("spawn.sh", *files):
-            (self.repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(REPO / name, self.repo / name)
-        (self.repo / "program.md").write_text("# program\nRun experiments.\n")
-        (self.repo / ".gitignore").write_text("worktrees/\nresults/\nresults.tsv\nrun.log\n.venv\n")
-        if venv:
-            (self.repo / ".venv").symlink_to(REPO / ".venv")
-        else:
-            (self.repo / ".venv").mkdir()
-            (self.repo / ".venv" / "marker").write_text("venv\n")
-        agent = tmp_path / "agent.sh"
-        agent.write_text(agent_script)
-        self.bin = tmp_path / "bin"
-        self.bin.mkdir()
-        self.fake_nvidia_smi(8)
-        self.env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE", "CUDA_VISIBLE_DEVICES")}
-        self.env.update(
-            PATH=f"{self.bin}:{os.environ['PATH']}",
-            TMUX_SOCKET=socket,
-            WATCH_INTERVAL="600",
-            AUTORESEARCH_AGENT_CMD=f"bash {agent} {self.out}",
-            GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid",
-            GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.invalid",
-        )
-        git(self.repo, "init", "-q", "-b", "main")
-        git(self.repo, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "add", "-A")
-        git(self.repo, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "init")
-        self.head = git(self.repo, "rev-parse", "HEAD")
-
-    def fake_nvidia_smi(self, n_gpus):
-        """`nvidia-smi -L` of a machine with <n_gpus> GPUs (None: no nvidia-smi)."""
-        tool = self.bin / "nvidia-smi"
-        tool.unlink(missing_ok=True)
-        if n_gpus is not None:
-            lines = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})\\n" for i in range(n_gpus))
-            tool.write_text(f"#!/usr/bin/env bash\nprintf '{lines}'\n")
-            tool.chmod(0o755)
-
-    def close(self):
-        """Our watchers only (by their pid files), then our private tmux server."""
-        for pidfile in (self.repo / "worktrees").glob(".watcher-*.pid"):
-            try:
-                os.kill(int(pidfile.read_text()), 15)
-            except (ValueError, ProcessLookupError):
-                pass
-        self.tmux("kill-server")
-        # tmux leaves the socket file behind; it lives where `tmux -L` puts it.
-        tmux_dir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
-        (tmux_dir / self.socket).unlink(missing_ok=True)
-
-    def spawn(self, *args, **env):
-        e = dict(self.env)
-        e.update(env)
-        return subprocess.run(["bash", "spawn.sh", *args], cwd=self.repo, env=e,
-                              capture_output=True, text=True, timeout=60)
-
-    def tmux(self, *args):
-        return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True)
-
-    def has_session(self, tag):
-        return self.tmux("has-session", "-t", f"=autoresearch-{tag}").returncode == 0
-
-    def branches(self):
-        out = git(self.repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/autoresearch/")
-        return sorted(out.split())
-
-    def worktrees(self):
-        return sorted(p.name for p in (self.repo / "worktrees").glob("gpu*")) if (self.repo / "worktrees").exists() else []
-
-    def watcher_pid(self, tag):
-        f = self.repo / "worktrees" / f".watcher-{tag}.pid"
-        return int(f.read_text()) if f.exists() else None
-
-    def report(self, gpu, timeout=10.0):
-        """What the stand-in on <gpu> wrote: (CUDA_VISIBLE_DEVICES, cwd, prompt)."""
-        path = self.out / f"gpu{gpu}.txt"
-        wait_for(path.exists, timeout, f"stand-in agent on gpu{gpu} never reported")
-        return tuple(path.read_text().splitlines())
-
-
-def wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(what)
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def make_sandbox(tmp_path, request, **kwargs):
-    missing = [tool for tool in ("git", "tmux") if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"spawn.sh tests need {' and '.join(missing)}: install them (apt-get install -y tmux; .ci/run does)")
-    return Sandbox(tmp_path, f"autoresearch-test-{os.getpid()}-{request.node.name}"[:90], **kwargs)
-
+from helpers import LAUNCHER, PROMPT, REPO, SPAWN, alive, git, make_sandbox, wait_for
 
 @pytest.fixture
 def sb(tmp_path, request):
@@ -200,8 +62,8 @@ def test_launch_status_stop(sb):
         # program.md's run command starts right there: an empty (not unset) prefix.
         assert (sb.out / f"run{gpu}").read_text() == "\n"
 
-    # One session, one pane per worker, and a watcher in the background.
-    panes = sb.tmux("list-panes", "-s", "-t", "=autoresearch-night1", "-F", "#{@worker}").stdout.splitlines()
+    # One session: a window of one pane per worker, and the watcher's window.
+    panes = sb.tmux("list-panes", "-t", "=autoresearch-night1:workers", "-F", "#{@worker}").stdout.splitlines()
     assert sorted(panes) == ["gpu0 alpha autoresearch/night1-gpu0", "gpu2 beta autoresearch/night1-gpu2"]
     pid = sb.watcher_pid("night1")
     assert pid is not None and alive(pid)
@@ -286,7 +148,7 @@ def test_agent_command_lines(sb, tmp_path):
         tool.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" {name} "$@" > "{sb.out}/argv$CUDA_VISIBLE_DEVICES"\nsleep 600\n')
         tool.chmod(0o755)
     r = sb.spawn("launch", "n10", "claude:0", "opus:1", "codex:2", AUTORESEARCH_AGENT_CMD="",
-                 CLAUDE_MODEL="haiku", PATH=f"{fake_bin}:{os.environ['PATH']}")
+                 CLAUDE_MODEL="haiku", PATH=f"{fake_bin}:{sb.env['PATH']}")
     assert r.returncode == 0, r.stderr
     prompt = PROMPT
     expected = {
@@ -380,20 +242,26 @@ def test_pane_reports_when_the_agent_exits(sb, tmp_path):
 # Environment errors
 # =============================================================================
 
+def copy_launcher(folder):
+    for name in LAUNCHER:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, folder / name)
+
+
 def test_not_inside_a_git_repo(tmp_path):
-    shutil.copy(SPAWN, tmp_path / "spawn.sh")
+    copy_launcher(tmp_path)
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path.parent))
     r = subprocess.run(["bash", "spawn.sh", "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 1 and "not inside a git repository" in r.stderr
 
 
 def test_missing_tmux(tmp_path):
-    # A PATH with bash and git but no tmux.
+    # A PATH with bash, git and python3 but no tmux.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("bash", "git"):
+    for tool in ("bash", "git", "python3"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    shutil.copy(SPAWN, tmp_path / "spawn.sh")
+    copy_launcher(tmp_path)
     r = subprocess.run([str(bin_dir / "bash"), "spawn.sh", "status"], cwd=tmp_path,
                        env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, capture_output=True, text=True)
     assert r.returncode == 1 and "tmux not found" in r.stderr
@@ -428,12 +296,22 @@ def test_missing_agent_program_is_refused(sb, agent_cmd, worker, program):
     assert_nothing_made(sb, "n12")
 
 
-def test_missing_nvidia_smi_is_a_warning(sb):
-    sb.fake_nvidia_smi(None)
-    r = sb.spawn("launch", "n13", "a:5")
-    assert r.returncode == 0, r.stderr
-    assert "warning: nvidia-smi not found" in r.stderr
-    assert sb.report(5)[0] == "5"
+@pytest.mark.parametrize("n_gpus, workers, message", [
+    (None, ["a:5"], "no GPU: nvidia-smi not found"),        # before: a warning, and GPU 5 bound anyway
+    (0, ["a:0", "a:1"], "no GPU: nvidia-smi lists none"),
+    ("fail", ["a:0"], "no GPU: nvidia-smi -L failed"),
+    (None, [f"a:{i}" for i in range(64)], "no GPU: nvidia-smi not found"),
+])
+def test_no_gpu_is_refused(sb, n_gpus, workers, message):
+    if n_gpus == "fail":
+        (sb.bin / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    else:
+        sb.fake_nvidia_smi(n_gpus)
+    r = sb.spawn("launch", "n13", *workers)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "--slurm" in lines[0], r.stderr
+    assert_nothing_made(sb, "n13")
 
 
 @pytest.mark.parametrize("worker, message", [
@@ -526,3 +404,209 @@ def test_readme_gives_one_agent_the_prompt_launch_gives(sb):
     assert prompts == [PROMPT], prompts
     assert sb.spawn("launch", "n20", "a:0").returncode == 0
     assert sb.report(0)[2] == PROMPT
+
+
+# =============================================================================
+# The launcher in Python (issue 21) and round three of faults (issue 22)
+# =============================================================================
+
+def running(pid):
+    """Alive and not a zombie (a killed child that nobody reaped yet is gone for our purposes)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in "ZX"
+
+
+def test_the_watcher_is_a_window_of_the_session(sb):
+    assert sb.spawn("launch", "n30", "a:0").returncode == 0
+    pid = sb.watcher_pid("n30")
+    assert pid is not None and running(pid)
+    windows = sb.tmux("list-windows", "-t", "=autoresearch-n30", "-F", "#{window_name} #{window_active}").stdout
+    assert windows.split("\n")[:2] == ["workers 1", "watcher 0"]   # the panes show; the watcher is aside
+    # Before: a nohup'ed process that outlived the session by up to WATCH_INTERVAL.
+    sb.tmux("kill-session", "-t", "=autoresearch-n30")
+    wait_for(lambda: not running(pid), 5, "the watcher outlived its session")
+
+
+HOARDER = r"""#!/usr/bin/env bash
+# Stand-in agent that leaves things in its worktree: notes, a plot, a log, caches, an uncommitted edit.
+out=$1
+printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\n' > results.tsv
+printf 'what I learnt\n' > notes.md
+mkdir -p plots/night __pycache__
+printf 'PNG' > plots/night/progress.png
+printf 'log\n' > run.log
+printf 'cache' > __pycache__/train.cpython-311.pyc
+printf 'edited, never committed\n' >> program.md
+touch "$out/ready"
+sleep 600
+"""
+
+
+@contextlib.contextmanager
+def one_worker(tmp_path, request, script, tag):
+    """A sandbox whose one stand-in agent (<script>, on GPU 0) has launched and touched OUT/ready."""
+    sb = make_sandbox(tmp_path, request, agent_script=script)
+    try:
+        assert sb.spawn("launch", tag, "a:0").returncode == 0
+        wait_for((sb.out / "ready").exists, 10, "the stand-in never got ready")
+        yield sb
+    finally:
+        sb.close()
+
+
+def test_stop_keeps_a_workers_untracked_files(tmp_path, request):
+    with one_worker(tmp_path, request, HOARDER, "n31") as sb:
+        r = sb.spawn("stop", "n31")
+        assert r.returncode == 0, r.stderr
+        kept = sb.repo / "results" / "n31-gpu0"
+        assert (kept / "notes.md").read_text() == "what I learnt\n"    # before: deleted without a word
+        assert (kept / "plots" / "night" / "progress.png").read_text() == "PNG"
+        assert (kept / "run.log").is_file() and (sb.repo / "results" / "n31-gpu0.tsv").is_file()
+        assert "+edited, never committed" in (kept / "uncommitted.diff").read_text()
+        assert not (kept / "__pycache__").exists() and not (kept / ".venv").exists()
+        assert (sb.repo / ".venv" / "marker").exists()
+        assert "kept in results/n31-gpu0/: 3 untracked file(s)" in r.stdout and "uncommitted.diff" in r.stdout
+        assert sb.worktrees() == []
+
+
+STUBBORN = r"""#!/usr/bin/env bash
+# Stand-in agent whose processes survive a closed terminal: a run in its own process group (program.md's
+# timeout), one in its own session, one that ignores HUP and TERM; and the agent ignores HUP itself.
+out=$1
+trap '' HUP
+timeout 600 sleep 600 &
+echo $! > "$out/timeout.pid"
+setsid bash -c 'echo $$ > "$1/setsid.pid"; exec sleep 600' _ "$out" &
+( trap '' HUP TERM; exec sleep 600 ) &
+echo $! > "$out/stubborn.pid"
+echo $$ > "$out/agent.pid"
+sleep 1
+touch "$out/ready"
+sleep 600
+"""
+
+
+def test_stop_ends_every_process_the_night_started(tmp_path, request):
+    with one_worker(tmp_path, request, STUBBORN, "n32") as sb:
+        pids = {name: int((sb.out / f"{name}.pid").read_text()) for name in ("timeout", "setsid", "stubborn", "agent")}
+        assert all(running(pid) for pid in pids.values())
+        r = sb.spawn("stop", "n32", STOP_GRACE="1")
+        assert r.returncode == 0, r.stderr
+        # Before: each of them ran on after stop, into a deleted worktree.
+        wait_for(lambda: not any(running(pid) for pid in pids.values()), 5,
+                 f"still running: {[n for n, p in pids.items() if running(p)]}\n{r.stdout}")
+        ended = next(line for line in r.stdout.splitlines() if "ended" in line and "process(es)" in line)
+        assert f"{pids['timeout']} timeout" in ended and f"{pids['agent']} bash" in ended
+        assert "ignored TERM for 1 s and got KILL" in ended and f"{pids['stubborn']} sleep" in ended.split("KILL")[1]
+
+
+def fake_tool(sb, name, body):
+    tool = sb.bin / name
+    tool.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    tool.chmod(0o755)
+
+
+def test_status_and_stop_do_not_wait_on_an_unanswering_squeue(sb):
+    fake_tool(sb, "squeue", "exec sleep 30")   # a Slurm client with no controller behind it
+    fake_tool(sb, "scancel", "exec sleep 30")
+    assert sb.spawn("launch", "n33", "a:0").returncode == 0
+    for args in (["status"], ["stop", "n33"]):
+        start = time.monotonic()
+        r = sb.spawn(*args)
+        assert r.returncode == 0 and time.monotonic() - start < 5, (args, r.stdout, r.stderr)
+        assert "Slurm" not in r.stdout + r.stderr            # a local launch never asks Slurm
+    # A Slurm launch asks, once, and gives up after SLURM_TIMEOUT with one line.
+    fake_tool(sb, "srun", "exec sleep 600")
+    assert sb.spawn("launch", "n34", "--slurm", "a:0").returncode == 0
+    start = time.monotonic()
+    r = sb.spawn("status", SLURM_TIMEOUT="1")
+    assert r.returncode == 0 and "unavailable (squeue -h -u did not answer within 1 s)" in r.stdout
+    r = sb.spawn("stop", "n34", SLURM_TIMEOUT="1")
+    assert r.returncode == 0 and time.monotonic() - start < 8
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did not answer within 1 s" in lines[0] and "scancel --name=autoresearch-n34-" in lines[0]
+    assert sb.worktrees() == []
+
+
+def test_launch_from_another_repository_is_refused(sb, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    git(other, "init", "-q", "-b", "main")
+    (other / "README").write_text("another project\n")
+    git(other, "add", "-A")
+    git(other, "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "init")
+    r = subprocess.run(["bash", str(sb.repo / "spawn.sh"), "launch", "n35", "a:0"], cwd=other, env=sb.env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another git repository" in lines[0] and str(sb.repo) in lines[0], r.stderr
+    assert git(other, "branch", "--list", "autoresearch/*") == "" and not (other / "worktrees").exists()
+    assert_nothing_made(sb, "n35")
+    # Outside any repository, spawn.sh works on its own.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    env = dict(sb.env, GIT_CEILING_DIRECTORIES=str(tmp_path))
+    r = subprocess.run(["bash", str(sb.repo / "spawn.sh"), "status"], cwd=outside, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "research branches:" in r.stdout
+
+
+@pytest.mark.parametrize("setup, env, tag, message", [
+    ("worktrees", {}, "n36", "worktrees is a file, not a folder"),
+    ("results", {}, "n36", "results is a file, not a folder"),
+    (None, {}, "t" * 250, "250 characters, at most 64"),
+    (None, {"AUTORESEARCH_CACHE": "data/cache"}, "n36", "AUTORESEARCH_CACHE='data/cache' is relative"),
+    (None, {"WATCH_INTERVAL": "0"}, "n36", "WATCH_INTERVAL='0' is not a number of seconds >= 1"),
+    (None, {"WATCH_INTERVAL": "soon"}, "n36", "WATCH_INTERVAL='soon' is not a number"),
+    (None, {"WATCH_INTERVAL": "nan"}, "n36", "WATCH_INTERVAL='nan' is not a number"),
+    (None, {"IDLE_LINES": "0"}, "n36", "IDLE_LINES='0' is not a count"),
+    (None, {"IDLE_PROMPT_REGEX": "(>"}, "n36", "IDLE_PROMPT_REGEX is not a regular expression"),
+    (None, {"NUDGE_MESSAGE": " "}, "n36", "NUDGE_MESSAGE is empty"),
+])
+def test_launcher_inputs_are_checked_before_anything_is_made(sb, setup, env, tag, message):
+    if setup:
+        (sb.repo / setup).write_text("a file in the way\n")
+    r = sb.spawn("launch", tag, "a:0", "a:1", **env)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert sb.branches() == [] and not sb.tmux("list-sessions").stdout
+    if setup:
+        assert (sb.repo / setup).read_text() == "a file in the way\n"
+    else:
+        assert not (sb.repo / "worktrees").exists() and not (sb.repo / "results").exists()
+
+
+def test_posix_classes_in_the_idle_regex_still_work(sb):
+    r = sb.spawn("launch", "n37", "a:0", WATCH_INTERVAL="1",
+                 IDLE_PROMPT_REGEX="^[[:space:]]*(│[[:space:]]*)?(>|›|❯)([[:space:]].*)?$")
+    assert r.returncode == 0, r.stderr
+    wait_for((sb.out / "gpu0.nudge").exists, 15, "the idle pane was never nudged")
+
+
+def test_a_second_night_on_one_board_tag_is_refused(sb):
+    (sb.repo / "results").mkdir()
+    (sb.repo / "results" / "n38-board.tsv").write_text("a past night's board\n")
+    r = sb.spawn("launch", "n38", "a:0")
+    assert r.returncode == 1 and "results/n38-board.tsv exists" in r.stderr
+    assert_nothing_made(sb, "n38")
+
+
+def test_help_gives_program_mds_run_command():
+    help_text = subprocess.run(["bash", str(SPAWN), "help"], capture_output=True, text=True).stdout
+    run = "$AUTORESEARCH_RUN timeout 600 uv run train.py > run.log 2>&1"
+    assert run in help_text and run in (REPO / "program.md").read_text()
+    assert "results/<tag>-gpu<N>/" in help_text and "STOP_GRACE" in help_text
+
+
+def test_panes_know_their_night(sb):
+    assert sb.spawn("launch", "n39", "a:4").returncode == 0
+    sb.report(4)
+    env = dict(item.split("=", 1) for item in (sb.out / "env4").read_text().split("\0") if "=" in item)
+    assert env["AUTORESEARCH_TAG"] == "n39" and env["AUTORESEARCH_WORKER"] == "gpu4"
+    assert env["AUTORESEARCH_BOARD"] == str((sb.repo / "results" / "n39-board.tsv").resolve())
+    assert (sb.repo / "results" / "n39-board.tsv").read_text().startswith("time\tworker\tcommit")
+    assert "CLAUDE_FLAGS" not in env and "WATCH_INTERVAL" not in env   # spawn.sh's settings stay its own
