@@ -4,50 +4,70 @@ What a night of autoresearch produced, from one or more results.tsv files.
     uv run analysis.py                          # results.tsv here: text report
     uv run analysis.py --json                   # the same, as JSON (for agents)
     uv run analysis.py --plot progress.png      # report + the running best, plotted
-    uv run analysis.py --noise 0.002            # improvements under 0.002 are "within noise"
+    uv run analysis.py --noise 0.003            # the confirmation threshold: gains up to 0.003 need confirming
     uv run analysis.py results/mar5-gpu*.tsv --plot plots/progress.png   # compare workers
 
-A results file is the five-column, tab-separated log that program.md asks for:
+A results file is the tab-separated log that program.md asks for:
 
-    commit  val_bpb  memory_gb  status  description
+    commit  val_bpb  memory_gb  status  seed  description
 
-status is keep | discard | crash, or noise for a rerun of an unchanged commit
-(to measure how much val_bpb moves by chance). Crash rows carry 0.000000 and
-0.0. Blank lines and repeated headers are skipped; malformed lines (too few
-columns, numbers that do not parse, an unknown status, a keep/discard/noise
-row without a finite val_bpb > 0) are skipped with a warning "file:line: why"
-on stderr. A memory_gb that is not a finite number is read as unknown (null).
-Implausible rows are skipped too, with the rule they break: a val_bpb below
-0.01 (a slip such as 1e-300), a kept val_bpb above 16 bits per byte, and a
-val_bpb above 16 next to a memory_gb that looks like one (columns swapped).
-Tab columns past the fifth are reported, not merged into the description.
-Lines end at '\n' only, and a BOM at the start is not read as data.
+status is keep | discard | crash, noise for a rerun of an unchanged commit
+(to measure how much val_bpb moves by chance), or confirm for a run at a
+second seed that confirms a small gain (program.md's keep rule). seed is the
+run's AUTORESEARCH_SEED. Files from before the seed column (five columns,
+under the header without it) still read: their rows ran at seed 42. Crash rows
+carry 0.000000 and 0.0. Blank lines and repeated headers are skipped;
+malformed lines (too few columns, numbers that do not parse, an unknown
+status, a keep/discard/noise/confirm row without a finite val_bpb > 0) are
+skipped with a warning "file:line: why" on stderr. A memory_gb that is not a
+finite number is read as unknown (null). Implausible rows are skipped too,
+with the rule they break: a val_bpb below 0.01 (a slip such as 1e-300), a
+kept val_bpb above 16 bits per byte, and a val_bpb above 16 next to a
+memory_gb that looks like one (columns swapped). Tab columns past the
+description are reported, not merged into it. Lines end at '\n' only, and a
+BOM at the start is not read as data.
 
 Definitions (lower val_bpb is better), numbered the way a reader counts:
 - baseline: the first keep/discard row, experiment #0. It is not "kept":
   it is where the night starts.
 - experiments: the keep/discard/crash rows after the baseline, numbered
-  #1, #2, ... in file order. Noise reruns take no number, and crashes before
-  the baseline (a baseline that did not run) are counted apart.
+  #1, #2, ... in file order. Noise and confirm runs take no number, and
+  crashes before the baseline (a baseline that did not run) are counted apart.
 - kept, discarded, crashed: experiments by status; they add up to
   experiments, and keep_rate = kept / experiments.
 - best: the lowest val_bpb among the baseline and the kept experiments (what
   the branch holds); improvement = baseline - best, also in % of the baseline.
+- paired: two runs at the same seed on the same data (one file: one data
+  set), so that they start from the same initial weights where the code
+  allows. Only paired runs are compared.
+- noise: the rerun noise, measured: for each commit and seed with a noise
+  rerun, max - min of val_bpb over the runs of that commit at that seed; the
+  largest such range (null without one). Runs at other seeds never count.
+- threshold: --noise X if given; else board.CONFIRM_FACTOR (3) x the noise,
+  but never below board.CONFIRM_THRESHOLD (0.002, 3 x the 0.0007 rerun
+  difference measured on an H100, issue 24): a rerun noise measured lower
+  says nothing of how a gain varies from seed to seed, which is not measured
+  yet. threshold_source says which: "--noise", "reruns" or "default".
 - steps: each kept experiment, with delta = val_bpb - the best before it
-  (negative = better); top: the steps sorted by improvement.
-- noise: --noise X if given, else the spread measured from noise rows: for
-  each commit with noise reruns, max - min of val_bpb over all its non-crash
-  rows (the original run and the reruns); the largest such range. A step whose
-  improvement is smaller than the noise is flagged within_noise.
+  (negative = better), its parent (that best's commit), paired (the same
+  seed as its parent), within_noise (a gain, but not above the threshold),
+  confirmations (each other seed at which both it and its parent ran: the
+  mean of each, and won when it is lower) and verdict: "no gain" (delta >= 0:
+  kept though not better); "confirmed" (it wins every confirmation, and has
+  one); "unconfirmed" (it lost one, or it has none and its gain is not above
+  the threshold, or is not paired); else "large". top: the steps sorted by
+  improvement.
 
 JSON (--json): {"files": [summary, ...], "best_file": path or null}; a summary
 has path, experiments, kept, discarded, crashed, crashed_before_baseline,
-noise_runs, keep_rate, baseline, best, improvement, improvement_pct, noise,
-noise_source ("--noise" | "reruns" | null), steps, top, warnings.
+noise_runs, confirm_runs, keep_rate, baseline, best, improvement,
+improvement_pct, noise, noise_groups (how many commit-and-seed groups it was
+measured on), threshold, threshold_source, steps, top, warnings.
 baseline/best/steps/top entries are rows: {n (experiment number, 0 for the
 baseline), line (in the file), commit, val_bpb, memory_gb, status,
-description}; steps and top add prev_best, delta and within_noise. Numbers
-are null where there is no data: the output never holds NaN or Infinity.
+description, seed}; steps and top add prev_best, parent, delta, paired,
+within_noise, verdict and confirmations. Numbers are null where there is no
+data: the output never holds NaN or Infinity.
 
 A night's board (spawn.sh's results/<tag>-board.tsv, see autoresearch/board.py)
 is read alone, and reported as the night across its workers:
@@ -73,11 +93,32 @@ frontier, workers, adoptions, chain (null when git cannot tell: chain_note
 says why), fingerprints, warnings. Rows with implausible numbers are skipped
 with the rule named, as in results files.
 
+The morning's confirm file (results/<tag>-confirm.tsv, written by
+`bash spawn.sh confirm <tag>`, see autoresearch/confirm.py) is read alone or
+with its night's board (found next to it when not given):
+
+    uv run analysis.py results/mar5-confirm.tsv [--json]
+    uv run analysis.py results/mar5-board.tsv results/mar5-confirm.tsv
+
+- pairs: for each seed at which the baseline and the best commit both gave a
+  number on the same data, their val_bpb (the mean of reruns) and gain =
+  baseline - best (positive: the best is better).
+- gain: the mean of those gains, their sample standard deviation (sd, null
+  for one seed), min, max, and at how many seeds the best wins. This is the
+  number to quote.
+- night: the one-seed gain the loop saw on the board (its first keep row to
+  its best keep row), for comparison: it was picked as the best of many
+  draws, so it holds some luck.
+Its JSON: confirm, baseline_commit, best_commit, pairs, gain, night,
+no_number (runs that gave no val_bpb, with their note), warnings; with the
+board, the board's JSON with this under "confirm".
+
 Functions for reuse and tests: parse(path) -> (rows, warnings),
 summarize(rows, path, noise=None) -> dict, report(summaries) -> str,
 to_json(summaries) -> dict, plot(summaries, out_path) -> Figure;
 summarize_board(entries, path, warnings, repo) -> dict, report_board(b),
-board_json(b), plot_board(b, out_path).
+board_json(b), plot_board(b, out_path); summarize_confirm(runs, path, warnings,
+entries, board_path) -> dict, report_confirm(c).
 """
 
 import json
@@ -87,10 +128,12 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from autoresearch import board  # the board's format, and what a plausible val_bpb is
+from autoresearch import board  # the board's format, what a plausible val_bpb is, the keep rule's threshold
+from autoresearch import confirm  # the morning's confirm file
 
-HEADER = ("commit", "val_bpb", "memory_gb", "status", "description")
-STATUSES = ("keep", "discard", "crash", "noise")
+HEADER = ("commit", "val_bpb", "memory_gb", "status", "seed", "description")
+OLD_HEADER = ("commit", "val_bpb", "memory_gb", "status", "description")   # before the seed column: still read
+STATUSES = ("keep", "discard", "crash", "noise", "confirm")
 TOP_N = 5          # top hits shown in the report
 MAX_WARNINGS = 10  # warnings printed per file; --json keeps them all
 MAX_LABELS = 25    # kept steps labelled in the plot (the largest gains); TOP_N per file with several
@@ -102,13 +145,14 @@ MAX_LABELS = 25    # kept steps labelled in the plot (the largest gains); TOP_N 
 
 @dataclass
 class Row:
-    n: int | None             # experiment number: 0 the baseline; None for noise reruns and early crashes
+    n: int | None             # experiment number: 0 the baseline; None for noise, confirm and early crash rows
     line: int                 # line number in the file
     commit: str
     val_bpb: float | None     # None for a crash that logged no finite number
     memory_gb: float | None   # None when not a finite number
     status: str
     description: str
+    seed: int | None = None   # AUTORESEARCH_SEED of the run; None in a five-column file (then 42)
 
 
 def _finite(value):
@@ -124,36 +168,46 @@ def _swapped(status, val_bpb, memory_gb):
     return None
 
 
+def _seed_column(fields):
+    """True when a row without a header before it looks six-column: a seed (or '-') in the fifth column."""
+    return len(fields) >= 6 and (fields[4].strip().isdigit() or fields[4].strip() == "-")
+
+
 def parse(path):
     """Rows of one results file, numbered as experiments, and a list of "file:line: why" warnings."""
     path = Path(path)
     rows, warnings = [], []
     number = None  # the next experiment number, once the baseline is found
+    width = None   # columns per row: 6 under the header with seed, 5 under the old header; None before a header
     # Lines end at '\n' only: U+2028 or U+0085 inside a description do not split a row. A BOM is no data.
     for lineno, line in board.lines_of(path.read_text(encoding="utf-8-sig", errors="replace")):
         where = f"{path}:{lineno}"
         if not line.strip():
             continue
         fields = line.split("\t")
-        spaced = len(fields) < 5
+        if [f.strip().lower() for f in fields[:4]] == list(HEADER[:4]):
+            width = 6 if len(fields) > 4 and fields[4].strip().lower() == "seed" else 5
+            continue  # header
+        cols = width or (6 if _seed_column(fields) else 5)
+        spaced = len(fields) < cols
         if spaced:
             # A common slip: spaces instead of tabs. Read it, but say so.
-            fields = line.split(None, 4)
-        if [f.strip().lower() for f in fields[:4]] == list(HEADER[:4]):
-            continue  # header
-        if len(fields) < 5:
-            warnings.append(f"{where}: expected 5 tab-separated columns; skipped")
+            fields = line.split(None, cols - 1)
+        if len(fields) < cols:
+            warnings.append(f"{where}: expected {cols} tab-separated columns; skipped")
             continue
-        if len(fields) > 5:
+        if len(fields) > cols:
             # Not merged into the description: a stray tab would hide where a column went.
-            warnings.append(f"{where}: {len(fields) - 5} extra tab-separated column(s) after the description, "
-                            f"ignored: {' | '.join(fields[5:])[:80]!r}")
-        commit, val, mem, status, desc = (f.strip() for f in fields[:5])
+            warnings.append(f"{where}: {len(fields) - cols} extra tab-separated column(s) after the description, "
+                            f"ignored: {' | '.join(fields[cols:])[:80]!r}")
+        commit, val, mem, status = (f.strip() for f in fields[:4])
+        seed, desc = (fields[4].strip(), fields[5].strip()) if cols == 6 else ("-", fields[4].strip())
         status = status.lower()
         try:
             val_bpb, memory_gb = float(val), float(mem)
+            seed_n = None if seed in ("-", "") else int(seed)
         except ValueError:
-            warnings.append(f"{where}: val_bpb {val!r} or memory_gb {mem!r} is not a number; skipped")
+            warnings.append(f"{where}: val_bpb {val!r}, memory_gb {mem!r} or seed {seed!r} is not a number; skipped")
             continue
         if status not in STATUSES:
             warnings.append(f"{where}: unknown status {status!r} (want {'|'.join(STATUSES)}); skipped")
@@ -169,9 +223,9 @@ def parse(path):
         if number is None and status in ("keep", "discard"):
             number = 0  # the baseline
         n = None
-        if status != "noise" and number is not None:
+        if status not in ("noise", "confirm") and number is not None:
             n, number = number, number + 1
-        rows.append(Row(n, lineno, commit, _finite(val_bpb), _finite(memory_gb), status, desc))
+        rows.append(Row(n, lineno, commit, _finite(val_bpb), _finite(memory_gb), status, desc, seed_n))
     return rows, warnings
 
 
@@ -179,30 +233,70 @@ def parse(path):
 # Summary
 # =============================================================================
 
-def measured_noise(rows):
-    """Largest max-min of val_bpb over a commit's runs, among commits with noise reruns."""
-    # One pass, grouped by commit: scanning all rows per rerun commit was quadratic.
-    runs, reruns = {}, set()
+def _seed(row):
+    """A row's seed: a five-column file's rows (no seed logged) ran at train.py's default."""
+    return board.DEFAULT_SEED if row.seed is None else row.seed
+
+
+def runs_by_commit(rows):
+    """{commit[:7]: {seed: [val_bpb, ...]}} of every run that gave a number (a short and a full hash match)."""
+    runs = {}
     for r in rows:
-        if r.status == "crash" or r.val_bpb is None:
-            continue
-        key = r.commit[:7]  # a short and a full hash of one commit match
-        runs.setdefault(key, []).append(r.val_bpb)
-        if r.status == "noise":
-            reruns.add(key)
-    spreads = [max(runs[k]) - min(runs[k]) for k in reruns if len(runs[k]) >= 2]
-    return max(spreads) if spreads else None
+        if r.status != "crash" and r.val_bpb is not None:
+            runs.setdefault(r.commit[:7], {}).setdefault(_seed(r), []).append(r.val_bpb)
+    return runs
+
+
+def measured_noise(rows, runs=None):
+    """(spread, groups): the largest max-min of val_bpb among paired runs of one commit, and how many
+    such groups there are. Paired: the same commit at the same seed (one file: one data set), where
+    a noise rerun is one of the runs. (None, 0) without any."""
+    runs = runs_by_commit(rows) if runs is None else runs
+    groups = {(r.commit[:7], _seed(r)) for r in rows if r.status == "noise" and r.val_bpb is not None}
+    spreads = [max(v) - min(v) for v in (runs[c][seed] for c, seed in groups) if len(v) >= 2]
+    return (max(spreads), len(spreads)) if spreads else (None, 0)
+
+
+def threshold_for(noise, given=None):
+    """(threshold, source): the gain above which a kept step counts as large. --noise if given; else
+    CONFIRM_FACTOR x the measured rerun noise, never below board.CONFIRM_THRESHOLD (a lower rerun noise
+    says nothing of how a gain varies from seed to seed, which is not measured yet)."""
+    if given is not None:
+        return given, "--noise"
+    if noise is not None and board.CONFIRM_FACTOR * noise > board.CONFIRM_THRESHOLD:
+        return board.CONFIRM_FACTOR * noise, "reruns"
+    return board.CONFIRM_THRESHOLD, "default"
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def verdict(row, parent, gain, threshold, runs):
+    """How far to trust a kept step: (verdict, its pairs at other seeds). The pairs: each seed other
+    than the step's at which both the step's commit and its parent's ran (confirm rows, reruns), with
+    the mean of each; confirmed when the step wins every such pair and there is one."""
+    mine, theirs = runs.get(row.commit[:7], {}), runs.get(parent.commit[:7], {})
+    pairs = [{"seed": seed, "val_bpb": round(_mean(mine[seed]), 6), "parent": round(_mean(theirs[seed]), 6),
+              "won": _mean(mine[seed]) < _mean(theirs[seed])}
+             for seed in sorted(mine) if seed != _seed(row) and seed in theirs]
+    if gain <= 0:
+        return "no gain", pairs
+    if pairs:
+        return ("confirmed" if all(p["won"] for p in pairs) else "unconfirmed"), pairs
+    if gain > threshold and _seed(row) == _seed(parent):
+        return "large", pairs
+    return "unconfirmed", pairs
 
 
 def summarize(rows, path="results.tsv", noise=None, warnings=()):
-    """The numbers of one results file (see the module docstring for the fields)."""
+    """The numbers of one results file (see the module docstring for the fields); noise: --noise."""
     baseline = next((r for r in rows if r.n == 0), None)
     experiments = [r for r in rows if r.n is not None and r.n > 0]
     count = {s: sum(r.status == s for r in experiments) for s in ("keep", "discard", "crash")}
-    noise_source = "--noise" if noise is not None else None
-    if noise is None:
-        noise = measured_noise(rows)
-        noise_source = "reruns" if noise is not None else None
+    runs = runs_by_commit(rows)
+    measured, groups = measured_noise(rows, runs)
+    threshold, threshold_source = threshold_for(measured, noise)
 
     best, steps = baseline, []
     for r in experiments:
@@ -210,8 +304,10 @@ def summarize(rows, path="results.tsv", noise=None, warnings=()):
             continue
         prev = best.val_bpb
         delta = r.val_bpb - prev
-        steps.append(dict(asdict(r), prev_best=prev, delta=round(delta, 6),
-                          within_noise=noise is not None and -delta < noise))
+        label, pairs = verdict(r, best, -delta, threshold, runs)
+        steps.append(dict(asdict(r), prev_best=prev, parent=best.commit, delta=round(delta, 6),
+                          paired=_seed(r) == _seed(best), within_noise=0 < -delta <= threshold,
+                          verdict=label, confirmations=pairs))
         if r.val_bpb < best.val_bpb:
             best = r
 
@@ -224,13 +320,16 @@ def summarize(rows, path="results.tsv", noise=None, warnings=()):
         "crashed": count["crash"],
         "crashed_before_baseline": sum(r.status == "crash" and r.n is None for r in rows),
         "noise_runs": sum(r.status == "noise" for r in rows),
+        "confirm_runs": sum(r.status == "confirm" for r in rows),
         "keep_rate": count["keep"] / len(experiments) if experiments else None,
         "baseline": asdict(baseline) if baseline else None,
         "best": asdict(best) if best else None,
         "improvement": round(improvement, 6) if baseline else None,
         "improvement_pct": round(100 * improvement / baseline.val_bpb, 4) if baseline else None,
-        "noise": round(noise, 6) if noise is not None else None,
-        "noise_source": noise_source,
+        "noise": round(measured, 6) if measured is not None else None,
+        "noise_groups": groups,
+        "threshold": round(threshold, 6),
+        "threshold_source": threshold_source,
         "steps": steps,
         "top": sorted((s for s in steps if s["delta"] < 0), key=lambda s: s["delta"])[:TOP_N],
         "warnings": list(warnings),
@@ -287,6 +386,20 @@ def _run(row):
     return f"{row['val_bpb']:.6f}  (#{row['n']} {row['commit']}, {memory}) {row['description']}"
 
 
+VERDICTS = ("large", "confirmed", "unconfirmed", "no gain")
+
+
+def threshold_text(s):
+    """Where a summary's threshold came from, in words."""
+    measured = (f"paired reruns here: max-min {s['noise']:.6f} over {s['noise_groups']} commit(s) at one seed"
+                if s["noise"] is not None else "no paired reruns here")
+    if s["threshold_source"] == "--noise":
+        return "given with --noise"
+    if s["threshold_source"] == "reruns":
+        return f"{board.CONFIRM_FACTOR} x the rerun noise, {measured}"
+    return f"the default, {board.THRESHOLD_SOURCE}; {measured}"
+
+
 def report_one(s):
     lines = [f"== {s['path']} =="]
     early = s["crashed_before_baseline"]
@@ -298,23 +411,27 @@ def report_one(s):
                  f"discarded: {s['discarded']}  crashed: {s['crashed']}  keep rate: {rate}")
     extra = [f"crashed before the baseline: {early}"] if early else []
     extra += [f"noise reruns: {s['noise_runs']}"] if s["noise_runs"] else []
+    extra += [f"confirmation runs: {s['confirm_runs']}"] if s["confirm_runs"] else []
     if extra:
         lines.append("  ".join(extra))
     lines.append(f"baseline:    {_run(s['baseline'])}")
     lines.append(f"best:        {_run(s['best'])}")
     lines.append(f"improvement: {s['improvement']:.6f}  ({s['improvement_pct']:.2f}% of the baseline)")
-    if s["noise"] is not None:
-        src = "given with --noise" if s["noise_source"] == "--noise" else "max-min of reruns of one commit"
-        lines.append(f"noise:       {s['noise']:.6f}  ({src})")
+    lines.append(f"threshold:   {s['threshold']:.6f}  ({threshold_text(s)})")
     if s["steps"]:
-        lines.append("")
-        lines.append("kept experiments (delta vs the best before it):")
+        verdicts = [st["verdict"] for st in s["steps"]]
+        counts = ", ".join(f"{verdicts.count(v)} {v}" for v in VERDICTS if v in verdicts)
+        lines += ["", f"kept experiments ({counts}; delta vs the best before it):"]
         for st in s["steps"]:
-            flag = "  within noise" if st["within_noise"] else ""
+            notes = [f"seed {p['seed']}: {p['val_bpb']:.6f} vs {p['parent']:.6f}, {'won' if p['won'] else 'lost'}"
+                     for p in st["confirmations"]]
+            if not st["paired"]:
+                notes.append(f"not paired: its seed differs from {st['parent']}'s")
             if st["delta"] >= 0:
-                flag += "  (not an improvement)"
+                notes.append("not an improvement")
             lines.append(f"  #{st['n']:<4} {st['commit']:<8} {st['val_bpb']:.6f}  {st['delta']:+.6f}  "
-                         f"{_short(st['description'], 60)}{flag}")
+                         f"{st['verdict']:<11}  {_short(st['description'], 60)}"
+                         + (f"  ({'; '.join(notes)})" if notes else ""))
     if s["top"]:
         lines.append("")
         lines.append(f"top {len(s['top'])} by improvement:")
@@ -556,12 +673,12 @@ def summarize_board(entries, path="board.tsv", warnings=(), repo=None):
     best = baseline
     for e in entries:
         w = workers.setdefault(e.worker, {"experiments": 0, "kept": 0, "discarded": 0, "crashed": 0, "baselines": 0,
-                                          "noise_runs": 0, "own_gain": 0.0, "frontier_moves": 0, "frontier_gain": 0.0,
+                                          "noise_runs": 0, "confirm_runs": 0, "own_gain": 0.0, "frontier_moves": 0, "frontier_gain": 0.0,
                                           "adopted": 0, "adopted_from_it": 0, "best": None})
         if e.status == "keep" and e.commit[:7] == first.commit[:7]:
             w["baselines"] += 1
-        elif e.status == "noise":
-            w["noise_runs"] += 1
+        elif e.status in ("noise", "confirm"):
+            w[f"{e.status}_runs"] += 1
         elif e.status in ("keep", "discard", "crash"):
             w["experiments"] += 1
             w[{"keep": "kept", "discard": "discarded", "crash": "crashed"}[e.status]] += 1
@@ -742,6 +859,69 @@ def plot_board(b, out_path):
 
 
 # =============================================================================
+# The morning's confirmation: the night's gain at seeds the loop never used
+# =============================================================================
+
+def sibling_board(path):
+    """results/<tag>-board.tsv next to results/<tag>-confirm.tsv, if it is there."""
+    path = Path(path)
+    if not path.name.endswith("-confirm.tsv"):
+        return None
+    other = path.with_name(path.name[: -len("-confirm.tsv")] + "-board.tsv")
+    return other if other.is_file() else None
+
+
+def summarize_confirm(runs, path="confirm.tsv", warnings=(), entries=None, board_path=None):
+    """The night's gain over the confirm file's seeds (paired per seed: the baseline and the best at one
+    seed, on one data set), next to the one-seed figure the loop saw on its board (entries), if given."""
+    latest, found = confirm.pairs(runs)
+    night = None
+    kept = [e for e in entries or () if e.status == "keep"]
+    if kept:
+        base, best = kept[0], min(kept, key=lambda e: e.val_bpb)
+        night = {"board": str(board_path), "baseline": base.val_bpb, "best": best.val_bpb, "seed": best.seed,
+                 "gain": round(base.val_bpb - best.val_bpb, 6), "best_commit": best.commit,
+                 "same_commits": (base.commit[:7], best.commit[:7]) == (latest.get("baseline"), latest.get("best"))}
+    return {
+        "confirm": str(path),
+        "baseline_commit": latest.get("baseline"),
+        "best_commit": latest.get("best"),
+        "pairs": found,
+        "gain": confirm.gain_stats(found),
+        "night": night,
+        "no_number": [{"role": r.role, "commit": r.commit, "seed": r.seed, "note": r.note}
+                      for r in runs if r.val_bpb is None],
+        "warnings": list(warnings),
+    }
+
+
+def report_confirm(c):
+    lines = [f"== {c['confirm']}: the night's gain at seeds the loop never used =="]
+    lines.append(f"baseline {c['baseline_commit'] or '?'} vs best {c['best_commit'] or '?'}, paired seed by seed:")
+    for p in c["pairs"]:
+        lines.append(f"  seed {p['seed']:<5} baseline {p['baseline']:.6f}  best {p['best']:.6f}  gain {p['gain']:+.6f}")
+    g, night = c["gain"], c["night"]
+    if g is None:
+        lines.append("  no seed has both runs yet")
+    else:
+        sd = f" +- {g['sd']:.6f}" if g["sd"] is not None else ""
+        lines.append(f"gain:         {g['mean']:.6f}{sd}  (mean{' +- sd' if sd else ''} over {g['seeds']} seed(s); "
+                     f"range {g['min']:.6f} .. {g['max']:.6f}; the best wins at {g['wins']} of {g['seeds']})")
+    if night:
+        lines.append(f"the loop saw: {night['gain']:.6f}  (one run each at seed {night['seed']}, {night['board']}; "
+                     "the best of the night's picks, so some of it is luck)")
+        if not night["same_commits"]:
+            lines.append(f"  note: the board's best is {night['best_commit']}, not the commit confirmed here")
+    if g is not None:
+        sd = f" +- {g['sd']:.4f}" if g["sd"] is not None else ""
+        lines.append(f"quote:        {g['mean']:.4f}{sd} val_bpb over {g['seeds']} seed(s)")
+    if c["no_number"]:
+        lines.append(f"runs without a number: {len(c['no_number'])} (" + "; ".join(
+            f"{r['role']} seed {r['seed']}: {r['note']}" for r in c["no_number"][:3]) + ")")
+    return "\n".join(lines)
+
+
+# =============================================================================
 # Command line
 # =============================================================================
 
@@ -759,7 +939,9 @@ if __name__ == "__main__":
     parser.add_argument("--plot", metavar="PNG",
                         help="also write a progress plot to this file (missing folders are made)")
     parser.add_argument("--noise", type=float, metavar="X",
-                        help="val_bpb spread to treat as noise (default: measured from 'noise' rows)")
+                        help="the confirmation threshold: kept gains up to X are 'unconfirmed' unless confirmed "
+                             f"(default: {board.CONFIRM_FACTOR} x the rerun noise of 'noise' rows, at least "
+                             f"{board.CONFIRM_THRESHOLD})")
     parser.add_argument("--repo", metavar="DIR",
                         help="a board's git repository, for the chain of kept edits (default: the board's own)")
     args = parser.parse_args()
@@ -781,22 +963,39 @@ if __name__ == "__main__":
         fail(f"results file not found: {', '.join(missing)}")
     try:
         boards = [p for p in args.tsv if is_board(p)]
-        if boards and len(args.tsv) > 1:
+        confirms = [p for p in args.tsv if confirm.is_confirm_file(p)]
+        if confirms and (len(confirms) > 1 or len(args.tsv) > 1 + len(boards) or len(boards) > 1):
+            fail(f"{confirms[0]} is a confirm file: read it alone, or with its night's board")
+        if boards and len(args.tsv) > 1 and not confirms:
             fail(f"{boards[0]} is a board: read it alone (it holds every worker of its night)")
-        if boards and args.noise is not None:
-            parser.error("--noise is for results files, not a board")
+        if (boards or confirms) and args.noise is not None:
+            parser.error("--noise is for results files, not a board or a confirm file")
+        if confirms and not boards and args.plot:
+            parser.error("--plot draws a board or results files: a confirm file has no plot")
+        night = morning = None
         if boards:
             entries, warnings = board.read(boards[0])
             night = summarize_board(entries, boards[0], warnings, args.repo or Path(boards[0]).resolve().parent)
             for w in night["warnings"][:MAX_WARNINGS]:
                 print(f"warning: {w}", file=sys.stderr)
-        else:
+        if confirms:
+            runs, warnings = confirm.read(confirms[0])
+            board_path = boards[0] if boards else sibling_board(confirms[0])
+            entries = board.read(board_path)[0] if board_path else None
+            morning = summarize_confirm(runs, confirms[0], warnings, entries, board_path)
+            for w in warnings[:MAX_WARNINGS]:
+                print(f"warning: {w}", file=sys.stderr)
+        if not boards and not confirms:
             summaries = load(args.tsv, noise=args.noise)
     except OSError as e:
         fail(f"cannot read {e.filename}: {e.strerror}")
     # Everything is computed before anything is printed: a plot that cannot be written leaves no half output.
-    if boards:
-        text = json.dumps(board_json(night), indent=2, allow_nan=False) if args.json else report_board(night)
+    if boards or confirms:
+        if args.json:
+            data = dict(board_json(night), confirm=morning) if night and morning else board_json(night or morning)
+            text = json.dumps(_json_safe(data), indent=2, allow_nan=False)
+        else:
+            text = "\n\n".join(([report_board(night)] if night else []) + ([report_confirm(morning)] if morning else []))
     else:
         text = json.dumps(to_json(summaries), indent=2, allow_nan=False) if args.json else report(summaries)
     if args.plot:

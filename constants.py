@@ -9,12 +9,12 @@ import them; agents never change them.
 One switch, for smoke runs only: `AUTORESEARCH_SMOKE=1` shrinks all three so
 the whole pipeline (prepare -> train -> evaluate) runs in a minute or two on
 a laptop CPU. Without it nothing here changes. Numbers from a smoke run are
-not comparable with real runs and must never be reported as results. It takes
-the usual words: 1/true/yes/on, or 0/false/no/off/empty (any case); anything
-else stops with one line, since a typo must not silently pick a mode.
+not comparable with real runs and must never be reported as results. It reads
+like every AUTORESEARCH_* switch (autoresearch/environment.py): 1/true/yes/on, or
+0/false/no/off, empty or unset (any case); anything else stops with one line.
 """
 
-import os
+from autoresearch.environment import switch
 
 # =============================================================================
 # The contract (do not modify)
@@ -29,18 +29,8 @@ UNTIMED_STEPS = 11          # steps 0..10 compile and warm up: not counted in th
 # Smoke switch (for people and tests without a GPU; its numbers are not comparable)
 # =============================================================================
 
-SMOKE_TRUE, SMOKE_FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
-
-
-def _parse_smoke(value):
-    word = value.strip().lower()
-    if word not in SMOKE_TRUE + SMOKE_FALSE:
-        raise SystemExit(f"error: AUTORESEARCH_SMOKE={value!r} is not a yes or a no: "
-                         f"use 1/true/yes/on, or 0/false/no/off (or leave it unset)")
-    return word in SMOKE_TRUE
-
-
-SMOKE = _parse_smoke(os.environ.get("AUTORESEARCH_SMOKE", ""))
+SMOKE = switch("AUTORESEARCH_SMOKE", False)
+SMOKE_STEPS = 20            # a smoke run trains this many steps (its budget), not TIME_BUDGET seconds
 
 if SMOKE:
     MAX_SEQ_LEN = 256

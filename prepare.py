@@ -23,7 +23,10 @@ API used by train.py: Tokenizer, make_dataloader, verify_data (checks everything
 val_bpb depends on, before training), check_evaluation, evaluate_bpb.
 """
 
-import argparse
+if __name__ == "__main__":  # --help, or a bad flag, answers before the imports below (torch takes seconds)
+    from autoresearch.command_line import parse_arguments
+    parse_arguments()
+
 import bisect
 import hashlib
 import io
@@ -36,11 +39,12 @@ import time
 import numpy as np
 import torch
 
-from autoresearch import files, manifest, paths, tokencache
+from autoresearch import files, ledger, manifest, paths, tokencache
+from autoresearch.command_line import parse_arguments
 from autoresearch.files import RUN_PREPARE, PrepareError, open_parquet, read_json, read_texts, stamp
 from autoresearch.paths import list_shards
 from autoresearch.prefetch import prefetch
-from autoresearch.source import ensure_data, text_extensions
+from autoresearch.source import ensure_data
 from autoresearch.tokenizer_training import ensure_tokenizer
 from constants import EVAL_TOKENS, MAX_SEQ_LEN
 
@@ -64,10 +68,15 @@ TOKENIZER_MAX_CHARS = 1_000_000_000   # and training stops after this many in to
 BUFFER_DOCS = 1000                    # refill the buffer to this many documents
 DOC_BATCH = 128                       # documents per tokenization batch
 
-# Evaluation: the causality check compares per-token losses (nats) of one row
-# before and after the tokens behind a cut point change. Deterministic kernels
-# give identical losses; the tolerance covers a few bf16 rounding steps.
+# Evaluation: its checks compare per-token losses (nats) of one batch before and
+# after some of its tokens change. Deterministic kernels give identical losses;
+# the tolerance covers a few bf16 rounding steps.
 CAUSAL_ATOL, CAUSAL_RTOL = 0.02, 0.01 # allowed change: ATOL + RTOL * |loss|
+TARGET_SHARE = 8                      # the targets check changes the target alone at 1 position in 8
+# The step-0 check: before any training a model's mean loss over the first validation
+# batches (FRESH_TOKENS targets or more) may not be below their unigram entropy.
+FRESH_TOKENS = 65_536
+FRESH_MARGIN = 0.02                   # nats: summation error (no frequency guess is below the entropy)
 
 # =============================================================================
 # Tokenizer
@@ -234,14 +243,31 @@ def _default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_dataloader(tokenizer, B, T, split, device=None):
-    """Infinite iterator of (inputs, targets, epoch): B x T int64 on device
-    (default CUDA when present, else CPU); inputs = row[:-1], targets = row[1:].
+def make_dataloader(tokenizer, B, T, split, device=None, total_batch_size=None):
+    """Infinite iterator of (inputs, targets, epoch) of the training split: B x T
+    int64 on device (default CUDA when present, else CPU); inputs = row[:-1],
+    targets = row[1:].
 
     A background thread packs rows ahead while the model runs (autoresearch/
     prefetch.py); every yielded tensor is freshly allocated, so a caller may
-    keep a batch across next()."""
-    assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
+    keep a batch across next(). The harness counts the rows it hands out, and
+    when (autoresearch/ledger.py): with total_batch_size=TOTAL_BATCH_SIZE it is
+    a run's loader, whose first UNTIMED_STEPS steps of rows are untimed and whose
+    later rows fall in the budget. The validation split is the evaluation's
+    alone: asking for it here stops the run."""
+    if split == "val":
+        raise ledger.Failed("make_dataloader(..., 'val'): the validation split is for evaluate_bpb only, never "
+                            "for training; use 'train'")
+    assert split == "train", f"split must be 'train', got {split!r}"
+    loader = _packed_rows(tokenizer, B, T, split, device)
+    if total_batch_size is not None:
+        ledger.start_training(total_batch_size, T)
+    return ledger.counted(loader, B)
+
+
+def _packed_rows(tokenizer, B, T, split, device=None):
+    """The loader of either split, uncounted: make_dataloader's insides (the tests
+    read the validation split through it; the evaluation reads val_rows)."""
     assert B >= 1 and T >= 1, f"B and T must be positive, got B={B}, T={T}"
     shards = list_shards(split)  # fails here, clearly, when nothing is prepared
     device = torch.device(device) if device is not None else _default_device()
@@ -254,9 +280,11 @@ def make_dataloader(tokenizer, B, T, split, device=None):
 # val_bpb is computed on the first EVAL_TOKENS // MAX_SEQ_LEN rows the validation
 # loader produces at T = MAX_SEQ_LEN, whatever the batch size. prepare.py stores
 # those rows (tokens/<id>/val_rows_T{T}_N{N}.npy, with their sha256 in the .json);
-# when missing they are packed on the fly: same rows, same number. Before the
-# first batch counts, the model must show it is causal; a result that is not a
-# finite number is a failure, never a score.
+# when missing they are packed on the fly: same rows, same number. verify_data()
+# holds them and token_bytes.pt in memory for the run. The model must show that it
+# is causal, reads no targets and learns nothing while it is scored; a result that
+# is not a finite number is a failure, never a score. The result goes to the
+# harness's ledger (autoresearch/ledger.py), from which the summary prints it.
 
 
 def build_val_rows(tokenizer, T, N):
@@ -278,21 +306,18 @@ def val_rows(tokenizer, T, N, save=True):
     return rows
 
 
-class EvaluationFailed(SystemExit):
+class EvaluationFailed(ledger.Failed):
     """The metric refuses the model. Uncaught, it prints its one line, which
     starts with "FAIL: ", and exits with code 1: a failed run, never a score."""
 
-    def __init__(self, message):
-        super().__init__(f"FAIL: {message}")
 
-
-def _eval_batch(rows, start, batch_size):
-    """Rows start, start+1, ... of (N, T+1) rows as (x, y), both (batch_size, T)
-    int64, and how many of them are real. Every batch is full: past the last row
-    it wraps around to the first, so a model compiled for batch_size never sees
-    another shape; the caller drops the padding's losses."""
+def _eval_batch(rows, start, batch_size, device):
+    """Rows start, start+1, ... of (N, T+1) rows as (x, y) on device, both
+    (batch_size, T) int64, and how many of them are real. Every batch is full:
+    past the last row it wraps around to the first, so a model compiled for
+    batch_size never sees another shape; the caller drops the padding's losses."""
     index = torch.arange(start, start + batch_size, device=rows.device) % rows.shape[0]
-    batch = rows[index].long()  # (B, T+1)
+    batch = rows[index].to(device).long()  # (B, T+1)
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous(), min(batch_size, rows.shape[0] - start)
 
 
@@ -307,55 +332,164 @@ def _token_losses(model, x, y):
     return loss.detach().float().reshape(x.shape)
 
 
-def _check_causal(model, x, y, losses, vocab_size):
-    """A model may not see the future: change the tokens after position p = T/2 of
-    row 0 (inputs and targets), run the same full batch again, and the losses at
-    positions <= p of row 0, and everywhere in the other rows, must stay within
-    CAUSAL_ATOL + CAUSAL_RTOL * |loss|. A missing causal mask changes every one of
-    them; a window that reaches one token ahead changes position p."""
-    p = x.shape[1] // 2
-    x2, y2 = x.clone(), y.clone()
-    x2[0, p + 1:] = (x[0, p + 1:] + 1) % vocab_size  # a different, valid id everywhere after p
-    y2[0, p + 1:] = (y[0, p + 1:] + 1) % vocab_size
-    change = (_token_losses(model, x2, y2) - losses).abs()  # (B, T)
-    change[0, p + 1:] = 0  # these may change: their own inputs did
-    # NaN losses are the finiteness check's to report, not this one's.
-    excess = (change - (CAUSAL_ATOL + CAUSAL_RTOL * losses.abs())).nan_to_num(nan=0.0)
+def _tolerance(losses):
+    """How much a loss may move between two runs of the same computation (bf16 rounding)."""
+    return CAUSAL_ATOL + CAUSAL_RTOL * losses.abs()
+
+
+def _worst_change(new, losses, may_change):
+    """(row, position, nats) of the largest change from losses to new beyond the tolerance,
+    outside may_change (a (B, T) bool mask); None when there is none. NaN losses are the
+    finiteness check's to report, not this one's."""
+    change = (new - losses).abs().masked_fill(may_change, 0.0)  # (B, T)
+    excess = (change - _tolerance(losses)).nan_to_num(nan=0.0)
     worst = int(excess.argmax())
-    if excess.view(-1)[worst] > 0:
-        row, pos = divmod(worst, x.shape[1])
-        where = f"position {pos}" if row == 0 else f"position {pos} of another row of the batch (rows must not mix)"
-        raise EvaluationFailed(f"the model is not causal: its loss at {where} changed by "
-                               f"{float(change.view(-1)[worst]):.3g} nats when only the tokens after position {p} "
-                               f"changed (a missing causal mask, a window that reaches ahead, or dropout?)")
+    if excess.view(-1)[worst] <= 0:
+        return None
+    return (*divmod(worst, losses.shape[1]), float(change.view(-1)[worst]))
+
+
+def _check_causal(model, x, y, losses, vocab_size):
+    """A model may not see the future: in a row r and at a position p, both chosen at
+    random, change the tokens after p (inputs and targets), run the same full batch
+    again, and the losses at positions <= p of row r, and everywhere in the other
+    rows, must stay within CAUSAL_ATOL + CAUSAL_RTOL * |loss|. A missing causal mask
+    changes them; a window that reaches one token ahead changes position p."""
+    r, p = ledger.choose(x.shape[0]), ledger.choose(x.shape[1] - 1)  # p < T - 1: a token after it changes
+    x2, y2 = x.clone(), y.clone()
+    x2[r, p + 1:] = (x[r, p + 1:] + 1) % vocab_size  # a different, valid id everywhere after p
+    y2[r, p + 1:] = (y[r, p + 1:] + 1) % vocab_size
+    may_change = torch.zeros_like(losses, dtype=torch.bool)
+    may_change[r, p + 1:] = True  # their own inputs changed
+    worst = _worst_change(_token_losses(model, x2, y2), losses, may_change)
+    if worst is not None:
+        row, pos, nats = worst
+        where = f"position {pos}" if row == r else f"position {pos} of another row of the batch (rows must not mix)"
+        raise EvaluationFailed(f"the model is not causal: its loss at {where} changed by {nats:.3g} nats when only "
+                               f"the tokens after position {p} changed (a missing causal mask, a window that "
+                               f"reaches ahead, or dropout?)")
+
+
+def _check_targets(model, x, y, losses, vocab_size):
+    """A model may not read its targets: in a row chosen at random, change the targets
+    alone at a random one in TARGET_SHARE of its positions (Q) and run the batch again.
+    Every other loss must stay within the tolerance (targets read as inputs move the
+    later positions), and at each position of Q the old and the new target's
+    probabilities, exp(-loss), may not add up to more than 1 (a model that sees the
+    token it is scored on gives any target a high probability)."""
+    B, T = x.shape
+    r, generator = ledger.choose(B), torch.Generator().manual_seed(ledger.choose(2**62))
+    picked = torch.rand(T, generator=generator) < 1 / TARGET_SHARE
+    picked[ledger.choose(T)] = True  # at least one
+    q = picked.nonzero().squeeze(1).to(y.device)
+    y2 = y.clone()
+    y2[r, q] = (y[r, q] + torch.randint(1, vocab_size, (len(q),), generator=generator).to(y.device)) % vocab_size
+    losses2 = _token_losses(model, x, y2)
+    worst = _worst_change(losses2, losses, y2 != y)
+    if worst is not None:
+        row, pos, nats = worst
+        where = f"position {pos}" if row == r else f"position {pos} of another row of the batch"
+        raise EvaluationFailed(f"the model reads its targets: its loss at {where} changed by {nats:.3g} nats when "
+                               f"only the targets at other positions changed (targets go to the loss, never into "
+                               f"the model's inputs)")
+    a, b = losses[r, q], losses2[r, q]
+    both = (torch.exp(-(a + _tolerance(a))) + torch.exp(-(b + _tolerance(b)))).nan_to_num(nan=0.0)
+    worst = int(both.argmax())
+    if both[worst] > 1:
+        raise EvaluationFailed(f"the model reads its targets: at position {int(q[worst])} the target and another "
+                               f"token get probabilities that add up to {float(torch.exp(-a[worst]) + torch.exp(-b[worst])):.3g}, "
+                               f"more than 1 (a model may not see the token it is scored on)")
+
+
+def _check_rescored(model, x, y, losses):
+    """A model may not learn while it is scored: the checked batch, scored again at the
+    end of the evaluation, must give the same losses within the tolerance. State
+    carried from one batch to the next (dynamic evaluation) changes them."""
+    worst = _worst_change(_token_losses(model, x, y), losses, torch.zeros_like(losses, dtype=torch.bool))
+    if worst is not None:
+        raise EvaluationFailed(f"the model learns while it is scored: a batch scored again at the end of the "
+                               f"evaluation moved by up to {worst[2]:.3g} nats (state carried from batch to batch, "
+                               f"or weights updated during the evaluation?)")
+
+
+def _check_unchanged(state, before):
+    """The model's parameters and buffers, [(name, tensor)], still have the fingerprints `before`."""
+    after = ledger.fingerprint([t for _, t in state])
+    changed = [name for (name, _), a, b in zip(state, before, after) if not torch.equal(a, b)]
+    if changed:
+        raise EvaluationFailed(f"the model's weights changed during the evaluation ({', '.join(changed[:3])}"
+                               f"{' ...' if len(changed) > 3 else ''}): it may not learn from the validation rows")
+
+
+def _check_fresh(model, rows, batch_size, vocab_size, device):
+    """The step-0 check: the weights come from the code. Before its first training step
+    a model can know the targets' frequencies at best (a zero-init head, a learned
+    unigram bias), not their context: its mean loss over the first batches (at least
+    FRESH_TOKENS targets, or all rows) may not be below the unigram entropy of those
+    very targets, the least loss of any frequency guess, by more than FRESH_MARGIN.
+    A warm start from an earlier run's weights is below it."""
+    T = rows.shape[1] - 1
+    n_batches = min(-(-FRESH_TOKENS // (batch_size * T)), -(-rows.shape[0] // batch_size))
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.zeros(vocab_size, dtype=torch.int64, device=device)
+    for i in range(n_batches):
+        x, y, n = _eval_batch(rows, i * batch_size, batch_size, device)
+        nats += _token_losses(model, x, y)[:n].sum(dtype=torch.float64)
+        counts += torch.bincount(y[:n].reshape(-1), minlength=vocab_size)
+    share = counts[counts > 0].double() / counts.sum()
+    entropy, loss = float(-(share * share.log()).sum()), float(nats / counts.sum())
+    if loss < entropy - FRESH_MARGIN:
+        raise EvaluationFailed(f"the weights do not come from the code: before any training the model's loss is "
+                               f"{loss:.3f} nats, below the {entropy:.3f} nats of the best guess from token "
+                               f"frequencies alone, which no fresh model beats (weights loaded from an earlier "
+                               f"run?); start from the code's initialisation")
 
 
 @torch.no_grad()
-def _evaluate(model, tokenizer, batch_size, max_batches=None):
-    """val_bpb over the first max_batches batches (all when None); see evaluate_bpb."""
+def _evaluate(model, tokenizer, batch_size, final):
+    """val_bpb over every validation row (final), or over one batch of them chosen at
+    random (check_evaluation); see evaluate_bpb."""
     assert batch_size >= 1, f"batch_size must be positive, got {batch_size}"
-    device = next(model.parameters()).device
+    ledger.evaluation_begins(final)  # in a run: the only final one, after training within the budget
+    device, vocab_size = next(model.parameters()).device, tokenizer.get_vocab_size()
     T, N = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
-    token_bytes = get_token_bytes(device)
-    rows = val_rows(tokenizer, T, N)
-    if max_batches is not None:  # the warm-up's check needs only its batches' rows, not all N on the device
-        rows = rows[:batch_size * max_batches]
-    rows = torch.from_numpy(np.asarray(rows, dtype=np.int32)).to(device)  # (N or fewer, T+1)
+    held = ledger.held_data(tokenizer.id, T, N)  # what verify_data checked, in memory since
+    rows, token_bytes = held if held is not None else (val_rows(tokenizer, T, N), get_token_bytes())
+    rows = torch.from_numpy(np.asarray(rows, dtype=np.int32))  # (N, T+1)
+    if final:  # every batch reads them; a check moves its batches one at a time
+        rows = rows.to(device)
+    token_bytes = token_bytes.to(device)
+    state = list(itertools.chain(model.named_parameters(), model.named_buffers()))
+    before = ledger.fingerprint([t for _, t in state])
+    fresh = not final and ledger.fresh_check_due()  # step 0 of a run, before the first training row
+    if fresh:
+        _check_fresh(model, rows, batch_size, vocab_size, device)
+    starts = range(0, N, batch_size)
+    checked = ledger.choose(len(starts))  # every batch equally likely: a model cannot tell the checked one
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for i, start in enumerate(range(0, N, batch_size)[:max_batches]):
-        x, y, n = _eval_batch(rows, start, batch_size)
+    for i in range(len(starts)) if final else [checked]:
+        x, y, n = _eval_batch(rows, starts[i], batch_size, device)
         losses = _token_losses(model, x, y)  # (B, T)
-        if i == 0:
-            _check_causal(model, x, y, losses, tokenizer.get_vocab_size())
+        if i == checked:
+            _check_causal(model, x, y, losses, vocab_size)
+            _check_targets(model, x, y, losses, vocab_size)
+            scored = x, y, losses
         nbytes = token_bytes[y[:n]]  # (n, T)
         total_nats += torch.where(nbytes > 0, losses[:n], 0.0).sum(dtype=torch.float64)
         total_bytes += nbytes.sum()
+    if final:
+        _check_rescored(model, *scored)
+    _check_unchanged(state, before)
+    if fresh:
+        ledger.record_fresh_check([t for _, t in state])
     if total_bytes.item() == 0:
         raise EvaluationFailed("the validation rows hold no bytes to measure")
     bpb = total_nats.item() / (math.log(2) * total_bytes.item())
     if not math.isfinite(bpb):
         raise EvaluationFailed(f"val_bpb is {bpb}: the model's losses on the validation rows are not finite")
+    if final:
+        ledger.record_evaluation(bpb, T, N, held is not None)
     return bpb
 
 
@@ -365,22 +499,29 @@ def evaluate_bpb(model, tokenizer, batch_size):
     Vocabulary-independent; special tokens (0 bytes) are left out of both sums.
 
     The model is called as model(x, y, reduction='none') on full batches of
-    batch_size rows only. Before the first batch counts, the causality check
-    runs once (_check_causal). A model that fails it, or a result that is not
-    finite, raises EvaluationFailed: one line starting "FAIL: ", exit code 1."""
-    return _evaluate(model, tokenizer, batch_size)
+    batch_size rows only. One batch, chosen at random, is also run with later
+    tokens changed (_check_causal) and with targets changed (_check_targets),
+    and scored again at the end (_check_rescored); the model's parameters and
+    buffers may not change meanwhile. A model that fails, or a result that is not
+    finite, raises EvaluationFailed: one line starting "FAIL: ", exit code 1. In
+    a run the result goes to the harness's ledger, and the summary prints it:
+    one evaluation a run."""
+    return _evaluate(model, tokenizer, batch_size, final=True)
 
 
 def check_evaluation(model, tokenizer, batch_size):
-    """The start of evaluate_bpb, for train.py's untimed warm-up: the causality
-    check and the first batch, through the same code with the same shapes (a
-    compiled model compiles nothing new later). Returns that batch's bits per
-    byte; raises EvaluationFailed like evaluate_bpb.
+    """One batch of evaluate_bpb, chosen at random, with its checks, through the
+    same code with the same shapes (a compiled model compiles nothing new later),
+    for train.py's untimed steps. Returns that batch's bits per byte (a check,
+    never the score); raises EvaluationFailed like evaluate_bpb.
 
-    The check sees only what the weights let through: at initialisation, with
-    zero output projections, attention cannot leak yet. Call it after the first
-    optimizer steps; evaluate_bpb checks the trained model again."""
-    return _evaluate(model, tokenizer, batch_size, max_batches=1)
+    In step 0, after make_dataloader and before the first training row, it is
+    also the step-0 check (_check_fresh): the weights must come from the code and
+    still be the same when the first row is drawn; a run without it stops at that
+    row. The checks see only what the weights let through: at initialisation, with
+    zero output projections, attention cannot leak yet, so train.py calls it again
+    after the first optimizer steps, and evaluate_bpb checks the trained model."""
+    return _evaluate(model, tokenizer, batch_size, final=False)
 
 # =============================================================================
 # Verification (train.py calls verify_data before training)
@@ -395,25 +536,31 @@ def verify_data():
     {"val": short sha, "tokenizer": short id, "train_shards": int, "harness": {file: short sha}}.
     On any failure raises PrepareError: one line naming the file and the command
     that heals it. Cost: one sha256 pass over those files, the token caches in
-    parallel threads."""
+    parallel threads. What the metric needs (the validation rows, token_bytes.pt)
+    stays in memory for the run (autoresearch/ledger.py): prepare.py changing the
+    cache meanwhile does not change the run's number."""
     recorded = manifest.read_manifest()
     harness = manifest.check_harness(recorded.get("harness"))
     val_path, train_paths = list_shards("val")[0], list_shards("train")
     val_sha = manifest.check_val_shard(val_path, recorded)
+    manifest.check_val_not_training(val_path, val_sha, train_paths)
     tokenizer = Tokenizer.from_directory()  # checks tokenizer.pkl against its manifest
     if tokenizer.id != recorded.get("tokenizer"):
         raise PrepareError(f"the tokenizer in {paths.TOKENIZER_DIR} is not the one prepare.py recorded: "
                            f"run `uv run prepare.py`")
-    get_token_bytes()  # checks token_bytes.pt against the tokenizer manifest
+    token_bytes = get_token_bytes()  # checks token_bytes.pt against the tokenizer manifest
     manifest.check_token_cache_files(tokenizer, tokencache.cached_shards(train_paths))
+    tokencache.check_read_through(train_paths, recorded.get("read_through"))  # the shards past the cache, by stamp
     T, N = MAX_SEQ_LEN, EVAL_TOKENS // MAX_SEQ_LEN
     rows, problem = tokencache.check_val_rows(tokenizer, T, N)
     if problem == tokencache.NOT_CACHED:
-        val_rows(tokenizer, T, N)  # other constants (a smoke run): packed once, from the caches just checked
+        rows = val_rows(tokenizer, T, N)  # other constants (a smoke run): packed once, from the caches just checked
     elif problem is not None:
         raise PrepareError(f"validation rows {problem}: run `uv run prepare.py` to rebuild them")
-    return {"val": val_sha[:12], "tokenizer": tokenizer.id[:12], "train_shards": len(train_paths),
-            "harness": harness}
+    fingerprints = {"val": val_sha[:12], "tokenizer": tokenizer.id[:12], "train_shards": len(train_paths),
+                    "harness": harness}
+    ledger.hold_data(fingerprints, tokenizer.id, T, N, np.array(rows), token_bytes, train_paths + [val_path])
+    return fingerprints
 
 
 data_fingerprint = verify_data  # the name train.py imported before verify_data existed
@@ -433,6 +580,8 @@ def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=Fa
     for path in train_paths + [val_path]:
         open_parquet(path)  # a corrupt file is named here, not deep in training
     val_sha = manifest.fingerprint_val_shard(val_path)
+    manifest.check_val_not_training(val_path, val_sha, train_paths)
+    tokencache.check_val_bytes(val_path, EVAL_TOKENS, MAX_SEQ_LEN)  # too small even as bytes: no tokenizer trains
 
     changed |= ensure_tokenizer(train_paths, retrain_tokenizer, vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
                                 pattern=SPLIT_PATTERN, doc_chars=TOKENIZER_DOC_CHARS, max_chars=TOKENIZER_MAX_CHARS)
@@ -462,37 +611,14 @@ def prepare(num_shards=10, download_workers=8, source=None, retrain_tokenizer=Fa
 # =============================================================================
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 1, like every other bad input
-        raise PrepareError(f"{message} (see uv run prepare.py --help)")
-
-
 def main(argv=None):
-    parser = _ArgumentParser(description="Download (or import) data, train the tokenizer, cache tokens.")
-    parser.add_argument("--num-shards", type=int, default=10, help="training shards to download (-1: all 6542)")
-    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
-    parser.add_argument("--source", metavar="PATH", default=None,
-                        help="import local data instead: a folder or glob of .parquet (column 'text'; the last "
-                             "file is validation), .txt/.md (one document each) or .jsonl ('text' per line)")
-    parser.add_argument("--text-ext", metavar="EXT[,EXT]", action="append", default=[],
-                        help="with --source: also import files with these extensions as UTF-8 text, one "
-                             "document each (e.g. --text-ext py,rs,c); repeatable")
-    parser.add_argument("--retrain-tokenizer", action="store_true",
-                        help="train the tokenizer again even though one exists")
-    args = parser.parse_args(argv)
-    if args.download_workers < 1:
-        raise PrepareError(f"--download-workers must be at least 1, got {args.download_workers}")
-    if args.num_shards < -1:
-        raise PrepareError(f"--num-shards must be -1 (all) or >= 0, got {args.num_shards}")
-    extensions = text_extensions(args.text_ext)
-    if extensions and args.source is None:
-        raise PrepareError("--text-ext only applies to an import: add --source PATH")
+    args = parse_arguments(argv)  # the flags and their checks: autoresearch/command_line.py
     root = paths.CACHE_DIR
     with files.one_line_errors(root):  # Ctrl-C: exit 130; OS errors: one line; temporaries removed
         paths.make_folder(root)
         with files.cache_lock(root):
             files.sweep_stale_temporaries(root)
-            prepare(args.num_shards, args.download_workers, args.source, args.retrain_tokenizer, extensions)
+            prepare(args.num_shards, args.download_workers, args.source, args.retrain_tokenizer, args.text_ext)
 
 
 if __name__ == "__main__":

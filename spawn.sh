@@ -18,6 +18,7 @@ Usage:
   bash spawn.sh status
   bash spawn.sh board [show [<tag>]]          # inside a worker: where the night stands
   bash spawn.sh board post <status> ...       # inside a worker: post a row
+  bash spawn.sh confirm <tag> [K] [--slurm]   # the morning: baseline and best at K seeds (default 3)
   bash spawn.sh help
 
 Examples:
@@ -31,6 +32,8 @@ Examples:
   bash spawn.sh stop mar5                   # results land in results/mar5-gpu<N>.tsv
   uv run analysis.py results/mar5-board.tsv --plot frontier.png   # the night's frontier
   uv run analysis.py results/mar5-gpu*.tsv --plot progress.png    # each worker's own log
+  bash spawn.sh confirm mar5                # the number to quote: the night's gain at 3 new seeds
+  uv run analysis.py results/mar5-confirm.tsv
 
 launch, per <agent:N> worker:
   - a fresh branch autoresearch/<tag>-gpu<N> from the commit you launch from
@@ -79,6 +82,19 @@ stop: ends the tmux session, then every process the night started and what
   branches and the board. Safe to re-run.
 status: tmux sessions (with their watcher), worktrees, research branches,
   results files and boards, and the Slurm jobs of --slurm launches.
+confirm, after stop: the board's baseline (its first keep) and best commits,
+  each run at seeds 1..K, which the loop (seed 42, confirmations 43) never
+  used: each run in a temporary worktree worktrees/confirm-<tag>/ at its
+  commit, with AUTORESEARCH_SEED=<seed>, output to
+  results/<tag>-confirm/<commit>-seed<seed>.log, a row appended to
+  results/<tag>-confirm.tsv. Local: one run per free GPU at a time (every
+  GPU nvidia-smi lists that no running night holds), CUDA_VISIBLE_DEVICES
+  set; --slurm: all at once, each `srun --job-name=autoresearch-<tag>-confirm
+  $SLURM_RUN_ARGS`. Runs already in the file are not repeated (a re-run
+  resumes; a larger K adds seeds). Refused before anything is made for an
+  unknown tag, a missing board, a night still running, K < 1, no free GPU
+  without --slurm; the worktrees are removed at the end, also on Ctrl-C.
+  Then: uv run analysis.py results/<tag>-confirm.tsv (mean +- sd of the gain).
 
 Agents: claude (model $CLAUDE_MODEL), sonnet, opus, haiku: the claude CLI with
   --model and $CLAUDE_FLAGS; codex: the codex CLI with $CODEX_FLAGS. The night
@@ -105,6 +121,7 @@ Overrides (environment):
   IDLE_PROMPT_REGEX='^\s*(│\s*)?(>|›|❯)(\s.*)?$'     a Python regex ([:space:] and kin read too)
   IDLE_LINES=6                                      last non-empty lines searched for it
   STOP_GRACE=10                                     seconds between stop's TERM and KILL
+  CONFIRM_RUN_CMD="timeout 600 uv run train.py"     what confirm runs in each worktree (bash -c)
   AUTORESEARCH_CACHE=                               the data cache: an absolute path
   TMUX_SOCKET=                                      if set: use a private tmux server
                                                     (tmux -L <socket>), as the tests do
@@ -128,6 +145,7 @@ export NUDGE_MESSAGE=${NUDGE_MESSAGE:-keep going}
 export IDLE_PROMPT_REGEX=${IDLE_PROMPT_REGEX:-'^\s*(│\s*)?(>|›|❯)(\s.*)?$'}
 export IDLE_LINES=${IDLE_LINES:-6}
 export STOP_GRACE=${STOP_GRACE:-10}
+export CONFIRM_RUN_CMD=${CONFIRM_RUN_CMD:-timeout 600 uv run train.py}
 export TMUX_SOCKET=${TMUX_SOCKET:-}
 
 log() { printf '[spawn %(%H:%M:%S)T] %s\n' -1 "$*"; }

@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoresearch import gpu, guards, kernels, report  # gpu first: it sets the CUDA allocator's options
+from autoresearch import gpu, guards, kernels, report, seeding  # gpu first: it sets the CUDA allocator's options
 from autoresearch.attention import prepare_attention, select_attention
-from constants import MAX_SEQ_LEN, SMOKE, TIME_BUDGET, UNTIMED_STEPS
+from constants import MAX_SEQ_LEN, SMOKE, SMOKE_STEPS, TIME_BUDGET, UNTIMED_STEPS
 from prepare import Tokenizer, check_evaluation, evaluate_bpb, make_dataloader, verify_data
 # the model's pieces, each replaceable here; on CUDA rotary_norm and softcapped_cross_entropy run as fused
 # kernels, whose plain PyTorch definitions open autoresearch/kernels.py (read those lines, not the kernels)
@@ -129,7 +129,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Build on the meta device, then `to_empty(device=...)` and `init_weights()`."""
+    """Build on the meta device, then `to_empty(device=...)` and `init_weights(seed)`."""
 
     def __init__(self, config):
         super().__init__()
@@ -164,14 +164,17 @@ class GPT(nn.Module):
         return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
 
     @torch.no_grad()
-    def init_weights(self):
+    def init_weights(self, seed):
+        """Every parameter draws from its own random stream, keyed by the seed and its name: an edit
+        leaves the initial values of every parameter it does not touch as they were (common random numbers)."""
+        draw = seeding.ParameterDraws(self, seed)  # draw(p, nn.init.X, ...): nn.init.X on p's own stream
         n_embd = self.config.n_embd
         s = 3**0.5 * n_embd**-0.5  # uniform(-s, s) has the std of N(0, 1/n_embd)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
-        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        draw(self.transformer.wte.weight, nn.init.normal_, mean=0.0, std=1.0)
+        draw(self.lm_head.weight, nn.init.normal_, mean=0.0, std=0.001)
         for block in self.transformer.h:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
-                nn.init.uniform_(linear.weight, -s, s)
+                draw(linear.weight, nn.init.uniform_, -s, s)
             # output projections start at zero: every block starts as the identity
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
@@ -180,7 +183,7 @@ class GPT(nn.Module):
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
         for ve in self.value_embeds.values():
-            nn.init.uniform_(ve.weight, -s, s)
+            draw(ve.weight, nn.init.uniform_, -s, s)
         self.cos, self.sin = self._rotary_tables()
         if self.transformer.wte.weight.device.type == "cuda":
             # embeddings are lookups, not matmuls: bf16 halves their memory and optimizer traffic
@@ -453,8 +456,8 @@ FINAL_LR_FRAC = 0.0             # LR multiplier at the very end
 # whole pipeline runs on a CPU in a minute and gives the same numbers on any machine.
 # constants.py shrinks MAX_SEQ_LEN and EVAL_TOKENS; the block below replaces a few settings
 # (and says so): it tests the pipeline, not your edit, and its numbers are not comparable.
+# It trains SMOKE_STEPS steps (constants.py), not TIME_BUDGET seconds.
 # -----------------------------------------------------------------------------
-SMOKE_STEPS = 20
 if SMOKE:
     REPLACED = dict(DEPTH=DEPTH, ASPECT_RATIO=ASPECT_RATIO, HEAD_DIM=HEAD_DIM, DEVICE_BATCH_SIZE=DEVICE_BATCH_SIZE,
                     TOTAL_BATCH_SIZE=TOTAL_BATCH_SIZE)  # the settings the next two lines replace
@@ -501,13 +504,12 @@ def get_muon_weight_decay(progress):
 # The run: setup -> step 0 -> training loop -> evaluation -> summary
 # =============================================================================
 
-def build_model(config, device):
-    """The model, initialised (seed 42), and its optimizer."""
-    torch.manual_seed(42)
+def build_model(config, device, seed):
+    """The model, initialised from `seed`, and its optimizer."""
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(seed)
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR,
                                       matrix_lr=MATRIX_LR, scalar_lr=SCALAR_LR, weight_decay=WEIGHT_DECAY,
                                       adam_betas=ADAM_BETAS)
@@ -534,6 +536,8 @@ def train_step(model, optimizer, batches, grad_accum_steps, step, progress, auto
 
 def main():
     t_start = time.time()
+    seed = seeding.seed_from_env()  # AUTORESEARCH_SEED (default 42): one error line for a bad value, before the work
+    torch.manual_seed(seed)  # any randomness outside the initial weights, which draw through `seed` themselves
     device = gpu.pick_device(SMOKE)  # CUDA; a CPU only in a smoke run
     use_cuda = device.type == "cuda"
     torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
@@ -545,6 +549,7 @@ def main():
     # -------------------------------------------------------------------------
     fingerprints = verify_data()  # data and fixed files, by content: one line and exit 1 if anything changed
     tokenizer = Tokenizer.from_directory()
+    guards.check_model_settings(DEPTH, ASPECT_RATIO, HEAD_DIM)  # positive sizes, or FAIL
     config = model_config(tokenizer.get_vocab_size())
     rows_per_step = TOTAL_BATCH_SIZE // MAX_SEQ_LEN
     guards.check_batch_size(TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE, MAX_SEQ_LEN)  # whole micro-batches, or FAIL
@@ -564,21 +569,27 @@ def main():
                   f"params={num_params:,} flops/token={flops_per_token:.3e}"),
     ])
 
+    init_fingerprint = None  # the weights first_step starts from, before their first update
+
     def first_step(micro_batch):
         """Build everything at this micro-batch and run step 0: it allocates all the run holds,
         and it runs the evaluation's path, so a crash there shows now, not after the budget."""
+        nonlocal init_fingerprint
         t0 = time.time()
-        model, optimizer = build_model(config, device)
+        model, optimizer = build_model(config, device, seed)
+        init_fingerprint = seeding.weights_fingerprint(model)
         prepare_attention(config, model.window_sizes, device)  # flex block masks or the FA4 probe, before compile
         if use_cuda:
             # one compiled graph for the loss: training takes its mean, evaluation its per-token values
             model.losses = torch.compile(model.losses, dynamic=False)
-        batches = make_dataloader(tokenizer, micro_batch, MAX_SEQ_LEN, "train", device=device)
+        # the harness's loader: it counts the rows each step draws, and when (the budget is the harness's)
+        batches = make_dataloader(tokenizer, micro_batch, MAX_SEQ_LEN, "train", device=device,
+                                  total_batch_size=TOTAL_BATCH_SIZE)
+        with autocast:  # before any training: the weights must be the code's, and the evaluation's path runs now
+            check_evaluation(gpu.evaluation_model(model), tokenizer, micro_batch)
         gradients = guards.track_gradients(model)
         loss, epoch = train_step(model, optimizer, batches, rows_per_step // micro_batch, 0, 0.0, autocast)
         gradients.check()  # a trainable parameter that got no gradient would silently never train
-        with autocast:
-            check_evaluation(gpu.evaluation_model(model), tokenizer, micro_batch)
         loss = loss.item()
         sync()
         return gpu.FirstStep(model, optimizer, batches, loss, time.time() - t0)
@@ -587,8 +598,11 @@ def main():
     step0 = gpu.fit_micro_batch(first_step, DEVICE_BATCH_SIZE, rows_per_step)  # step 0, at a micro-batch that fits
     model, optimizer, batches, micro_batch = step0.model, step0.optimizer, step0.batches, step0.micro_batch
     grad_accum_steps = rows_per_step // micro_batch
-    report.print_identity([("batch", report.batch_line(TOTAL_BATCH_SIZE, micro_batch, grad_accum_steps,
-                                                         step0.fit_note))])
+    data_fingerprint = seeding.data_fingerprint(fingerprints)
+    report.print_identity([
+        ("batch", report.batch_line(TOTAL_BATCH_SIZE, micro_batch, grad_accum_steps, step0.fit_note)),
+        ("seed", f"{seed} init={init_fingerprint} data={data_fingerprint} (equal seed and data: paired runs)"),
+    ])
     guards.check_loss(step0.loss, 0)  # a diverged run (NaN or above 100) prints FAIL and exits 1
 
     # Python's GC walks every live object: a pass costs ~0.5 s mid-run. After step 0
@@ -651,9 +665,10 @@ def main():
         ("total_seconds", f"{t_end - t_start:.1f}"), ("peak_vram_mb", f"{gpu.peak_memory_mib():.1f}"),
         ("mfu_percent", f"{mfu_percent:.2f}"), ("total_tokens_M", f"{step * TOTAL_BATCH_SIZE / 1e6:.1f}"),
         ("num_steps", step), ("num_params_M", f"{num_params / 1e6:.1f}"), ("depth", DEPTH),
+        ("seed", seed), ("init", init_fingerprint), ("data", data_fingerprint),
     ])
 
 
 if __name__ == "__main__":
-    with gpu.out_of_memory_exit():  # one FAIL line naming what to lower, not a traceback
+    with gpu.out_of_memory_exit():  # out of memory or Ctrl-C: one FAIL line, not a traceback
         main()

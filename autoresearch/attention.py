@@ -11,9 +11,9 @@ computes it is decided once, by `select_attention()`, first choice first:
 All four compute the same function. AUTORESEARCH_ATTENTION=fa4|fa3|flex|sdpa forces one.
 `prepare_attention(config, window_sizes, device)` runs before torch.compile sees the model.
 
-train.py imports it (and the tests and benchmarks); it imports the package's gpu, guards
-and report modules, never train.py. Nothing loads at import: the kernels load when
-`select_attention` runs.
+train.py imports it (and the tests and benchmarks); it imports the package's environment,
+gpu, guards and report modules, never train.py. Nothing loads at import: the kernels load
+when `select_attention` runs.
 """
 
 import importlib.util
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from autoresearch import environment
 from autoresearch.gpu import is_out_of_memory
 from autoresearch.guards import RunError
 from autoresearch.report import print_identity
@@ -100,7 +101,7 @@ def select_attention(device, prefer=None):
     """Pick the attention backend for `device` once; return a one-line description that
     names the backend and why each earlier choice was skipped."""
     global _backend, _fa3, _fa4, _flex
-    prefer = prefer or os.environ.get("AUTORESEARCH_ATTENTION", "auto")
+    prefer = prefer or environment.choice("AUTORESEARCH_ATTENTION", ("auto", *BACKENDS), "auto")
     if prefer not in ("auto", *BACKENDS):  # a user's setting: one line, not a traceback
         raise SystemExit(f"attention: AUTORESEARCH_ATTENTION={prefer!r}: use {', '.join(BACKENDS)}")
     device = torch.device(device)
@@ -196,7 +197,8 @@ def _fa4_op():
 
 def prepare_attention(config, window_sizes, device):
     """Before torch.compile sees the model: FlexAttention's block masks, or for FA4 one
-    forward and backward at the run's shapes (a single row). FA4 is chosen without running
+    forward and backward at the run's shapes (a single row); FlexAttention forced on a CPU,
+    where it cannot train, is one FAIL line. FA4 is chosen without running
     a kernel; one that fails to build here (a GPU or head size its kernels do not cover)
     then falls back to the next backend with an `attention:` line, instead of crashing
     inside step 0 with a traceback.
@@ -206,6 +208,9 @@ def prepare_attention(config, window_sizes, device):
     """
     global _fa4_failed
     device = torch.device(device)
+    if _backend == "flex" and device.type != "cuda":  # only a forward check may use it there
+        raise RunError("attention: flex was asked for (AUTORESEARCH_ATTENTION=flex), but FlexAttention has no "
+                       "backward on a CPU: use sdpa there, or leave AUTORESEARCH_ATTENTION unset")
     seq_len, head_dim = config.sequence_len, config.n_embd // config.n_head
     if _backend == "fa4":
         try:

@@ -4,8 +4,8 @@ karpathy/climbmix-400b-shuffle, fetched in parallel with retries and
 back-off, each shard written through a temporary and kept only when its
 parquet footer reads. DO NOT MODIFY (fixed harness).
 
-Imported by prepare.py (and its tests); it imports autoresearch.files and
-autoresearch.paths, and requests only when a download starts.
+Imported by prepare.py (and its tests); it imports autoresearch.environment,
+.files and .paths, and requests only when a download starts.
 """
 
 import os
@@ -15,15 +15,13 @@ import socket
 import threading
 import time
 
-from autoresearch import paths
+from autoresearch import environment, paths
 from autoresearch.files import CHUNK_BYTES, PrepareError, new_file, parquet_readable
 
-BASE_URL = os.environ.get(
-    "AUTORESEARCH_BASE_URL",
-    "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
-)
+BASE_URL = environment.text("AUTORESEARCH_BASE_URL",
+                            "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main")
 DOWNLOAD_ATTEMPTS = 5                 # back-off between them: 2, 4, 8, 16 s
-BACKOFF_BASE = float(os.environ.get("AUTORESEARCH_BACKOFF", "2"))  # tests shrink it
+BACKOFF_BASE = environment.number("AUTORESEARCH_BACKOFF", 2.0)  # tests shrink it
 CONNECT_TIMEOUT, READ_TIMEOUT = 5, 60 # seconds
 
 

@@ -198,14 +198,22 @@ def parquet_readable(path):
 
 def open_parquet(path):
     try:
-        return pq.ParquetFile(path)
+        pf = pq.ParquetFile(path)
     except Exception as e:
         raise PrepareError(f"corrupt parquet file {path} ({type(e).__name__}: {e})") from None
+    pf.source_path = path  # for read_texts' message
+    return pf
 
 
 def read_texts(pf, row_group):
-    """The documents of one row group, in order (nulls read as empty documents)."""
-    texts = pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    """The documents of one row group, in order (nulls read as empty documents).
+    A page that does not decode is one line naming the file, not a traceback."""
+    try:
+        texts = pf.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+    except Exception as e:
+        where = getattr(pf, "source_path", "a parquet file")
+        raise PrepareError(f"corrupt parquet file {where}, row group {row_group} ({type(e).__name__}: {e}): "
+                           f"{RUN_PREPARE}") from None
     return [t if t is not None else "" for t in texts]
 
 # =============================================================================

@@ -4,7 +4,8 @@ the micro-batch lowered until step 0 fits in memory, one line for an out-of-memo
 the peak memory, and the evaluation through the training graphs. DO NOT MODIFY.
 
 train.py imports it, and so do the package's attention module and the benchmarks;
-it imports nothing of the project. Importing it sets the CUDA allocator's options
+it imports autoresearch.ledger (a retried step 0 starts its rows again) and nothing
+else of the project. Importing it sets the CUDA allocator's options
 and nothing else: no GPU is touched until train.py calls `pick_device`.
 """
 
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch
+
+from autoresearch import ledger
 
 # =============================================================================
 # GPU facts
@@ -107,10 +110,16 @@ class FirstStep:
 
 
 def is_out_of_memory(error):
-    # OOM also surfaces wrapped (torch.compile's autotuning) or in a library's words (cuBLAS, the driver)
+    # OOM also surfaces wrapped (torch.compile's autotuning) or in a library's words (cuBLAS, the driver);
+    # a CPU's is a MemoryError or the allocator's RuntimeError ("can't allocate memory")
     text = str(error).lower()
-    return isinstance(error, torch.OutOfMemoryError) or any(
-        words in text for words in ("out of memory", "out_of_memory", "alloc_failed"))
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or any(
+        words in text for words in ("out of memory", "out_of_memory", "alloc_failed", "allocate memory"))
+
+
+def _memory_of(error):
+    """Whose memory ran out: "CPU" for the host's, else "CUDA"."""
+    return "CPU" if isinstance(error, MemoryError) or "allocate memory" in str(error).lower() else "CUDA"
 
 
 def smaller_micro_batches(rows_per_step, micro_batch):
@@ -157,6 +166,7 @@ def fit_micro_batch(first_step, micro_batch, rows_per_step):
             return result
         # here, after the except block: the exception's traceback no longer holds the attempt's tensors
         release_memory()
+        ledger.restart_training()  # the next attempt draws step 0's rows again, from a fresh model and loader
     raise AssertionError("unreachable: the last size raises")
 
 
@@ -174,21 +184,29 @@ _micro_batch = None  # the micro-batch in use, for the out-of-memory line
 
 @contextlib.contextmanager
 def out_of_memory_exit():
-    """Around main(): an out-of-memory anywhere is one FAIL line naming what to lower, exit 1."""
+    """Around main(): an out-of-memory anywhere (the GPU's or the CPU's) is one FAIL line naming
+    what to lower, exit 1; Ctrl-C is one FAIL line, exit 130. No traceback for either."""
     try:
         yield
+    except KeyboardInterrupt:
+        print("\nFAIL: interrupted (Ctrl-C): the run stopped before its result", flush=True)
+        sys.exit(130)
     except Exception as e:
         if not is_out_of_memory(e):
             raise
-        print(f"\n{out_of_memory_line(_micro_batch)}", flush=True)
+        print(f"\n{out_of_memory_line(_micro_batch, _memory_of(e))}", flush=True)
         sys.exit(1)
 
 
-def out_of_memory_line(micro_batch):
-    if micro_batch is None or micro_batch > 1:
-        return (f"FAIL: CUDA out of memory at a micro-batch of {micro_batch}. Lower DEVICE_BATCH_SIZE (to "
+def out_of_memory_line(micro_batch, memory="CUDA"):
+    """The FAIL line for an out-of-memory at micro_batch; memory: "CUDA" or "CPU"."""
+    if micro_batch is None:  # before step 0 started
+        return f"FAIL: {memory} out of memory while setting up the run. Lower DEPTH or ASPECT_RATIO."
+    if micro_batch > 1:
+        return (f"FAIL: {memory} out of memory at a micro-batch of {micro_batch}. Lower DEVICE_BATCH_SIZE (to "
                 f"{micro_batch // 2} or less); gradient accumulation keeps TOTAL_BATCH_SIZE the same.")
-    return ("FAIL: CUDA out of memory, even at a micro-batch of 1: the model does not fit this GPU. "
+    where = "this GPU" if memory == "CUDA" else "this machine's memory"
+    return (f"FAIL: {memory} out of memory, even at a micro-batch of 1: the model does not fit {where}. "
             "Lower DEPTH or ASPECT_RATIO.")
 
 # =============================================================================

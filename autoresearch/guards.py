@@ -2,7 +2,7 @@
 Guards: an agent's edit takes effect, or the run stops with one line. DO NOT MODIFY.
 
 RunError (a problem found before training: `FAIL: ...`, exit 1, no traceback), the
-batch-size check, the optimizer-group check, the check that every trainable parameter gets a gradient in
+batch-size and model-size checks, the optimizer-group check, the check that every trainable parameter gets a gradient in
 step 0, and the loss check that stops a diverged run. train.py and the package's
 attention module import it; it imports nothing of the project.
 """
@@ -18,12 +18,29 @@ class RunError(SystemExit):
         super().__init__(f"FAIL: {message}")
 
 
+def _positive(value, whole):
+    """A positive number (a whole one when whole), finite; never a bool."""
+    kinds = int if whole else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def check_batch_size(total_batch_size, device_batch_size, seq_len):
-    """The step's tokens split into whole micro-batches: TOTAL_BATCH_SIZE is a multiple of
-    DEVICE_BATCH_SIZE rows of seq_len tokens."""
-    if device_batch_size < 1 or total_batch_size % (device_batch_size * seq_len):
+    """The step's tokens split into whole micro-batches: TOTAL_BATCH_SIZE is a positive
+    multiple of DEVICE_BATCH_SIZE rows of seq_len tokens."""
+    if not (_positive(total_batch_size, True) and _positive(device_batch_size, True)) \
+            or total_batch_size % (device_batch_size * seq_len):
         raise RunError(f"TOTAL_BATCH_SIZE ({total_batch_size}) must be a multiple of "
-                       f"DEVICE_BATCH_SIZE * MAX_SEQ_LEN ({device_batch_size} * {seq_len})")
+                       f"DEVICE_BATCH_SIZE * MAX_SEQ_LEN ({device_batch_size} * {seq_len}), both whole and positive")
+
+
+def check_model_settings(depth, aspect_ratio, head_dim):
+    """DEPTH and HEAD_DIM are positive whole numbers, ASPECT_RATIO a positive number: a zero
+    or negative one builds no model (or divides by zero) deep inside the setup."""
+    settings = [("DEPTH", depth, True), ("ASPECT_RATIO", aspect_ratio, False), ("HEAD_DIM", head_dim, True)]
+    bad = [f"{name}={value!r}" for name, value, whole in settings if not _positive(value, whole)]
+    if bad:
+        raise RunError(f"{', '.join(bad)}: DEPTH and HEAD_DIM must be positive whole numbers, ASPECT_RATIO a "
+                       f"positive number")
 
 
 def check_param_groups(model, groups):

@@ -12,7 +12,7 @@ read: the Triton kernels as custom ops, pinned to the plain definitions by the t
 and the one decision `fused_kernels()` (kernels or plain), made once, at import. The
 plain versions run where the kernels cannot (a CPU, no Triton, AUTORESEARCH_FUSED=0).
 train.py imports the pieces and may replace any of them with its own; this module
-imports nothing of the project.
+imports only autoresearch.environment of the project.
 """
 
 import importlib.util
@@ -20,6 +20,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from autoresearch import environment
 
 
 def rotary_norm_plain(x, cos, sin):
@@ -69,10 +71,7 @@ def fused_kernels():
     interpreter (TRITON_INTERPRET=1, as the tests run them)."""
     global _fused
     if _fused is None:
-        setting = os.environ.get("AUTORESEARCH_FUSED", "1")
-        if setting not in ("0", "1"):  # a user's setting: one line, not a traceback
-            raise SystemExit(f"fused: AUTORESEARCH_FUSED={setting!r}: use 1 (Triton kernels) or 0 (plain PyTorch)")
-        if setting == "0":
+        if not environment.switch("AUTORESEARCH_FUSED", True):  # a bad value: one line, not a traceback
             _fused = (False, "AUTORESEARCH_FUSED=0")
         elif importlib.util.find_spec("triton") is None:
             _fused = (False, "Triton is not installed")

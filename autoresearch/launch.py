@@ -9,13 +9,14 @@ runs this file:
     launch.py stop <tag>                               end it, keep everything it produced
     launch.py status                                   what runs, what is kept
     launch.py board [show|post] ...                    the night's board (autoresearch.board)
+    launch.py confirm <tag> [K] [--slurm]              the morning's confirmation (autoresearch.confirm)
     launch.py _watch <manifest>                        the watcher (the session's hidden window)
 
 What it holds, top to bottom: the settings and their checks; the repository,
 git and tmux; the workers and their agents; the manifest (worktrees/
 .launch-<tag>.json, what launch made, so that stop can undo it); launch;
-the watcher; stop; status. Stdlib only; imports autoresearch.board and
-nothing else of this repository. Nothing here is run at import.
+the watcher; stop; status. Stdlib only; imports autoresearch.board, and
+autoresearch.confirm when asked to confirm. Nothing here is run at import.
 """
 
 import json
@@ -44,7 +45,7 @@ FORWARD = re.compile(r"^(PATH|SLURM_CONF|(AUTORESEARCH|ANTHROPIC|OPENAI|CLAUDE|C
 # spawn.sh's own overrides: read here, never forwarded to the panes or the tmux server.
 SETTINGS = ("CLAUDE_MODEL", "CLAUDE_FLAGS", "CODEX_FLAGS", "AUTORESEARCH_AGENT_CMD", "AGENT_PROMPT", "SLURM_RUN_ARGS",
             "WATCH_INTERVAL", "NUDGE_MESSAGE", "IDLE_PROMPT_REGEX", "IDLE_LINES", "TMUX_SOCKET", "STOP_GRACE",
-            "SLURM_TIMEOUT")
+            "SLURM_TIMEOUT", "CONFIRM_RUN_CMD")
 POSIX_CLASSES = {"[:space:]": r"\s", "[:blank:]": r" \t", "[:digit:]": r"\d", "[:alpha:]": "A-Za-z",
                  "[:alnum:]": "A-Za-z0-9", "[:upper:]": "A-Z", "[:lower:]": "a-z"}
 
@@ -248,9 +249,8 @@ def parse_workers(specs, slurm):
     return workers
 
 
-def gpu_count():
-    """How many GPUs nvidia-smi lists; Refusal when there is none or it cannot tell."""
-    fix = "local workers each need an NVIDIA GPU (on a Slurm login node: launch --slurm)"
+def gpu_count(fix="local workers each need an NVIDIA GPU (on a Slurm login node: launch --slurm)"):
+    """How many GPUs nvidia-smi lists; Refusal (ending with <fix>) when there is none or it cannot tell."""
     if shutil.which("nvidia-smi") is None:
         raise Refusal(f"no GPU: nvidia-smi not found; {fix}")
     try:
@@ -269,6 +269,20 @@ def gpu_count():
 def job_name(tag, index):
     """The Slurm job name of a worker's runs: stop finds the jobs by it."""
     return f"autoresearch-{tag}-{index}"
+
+
+def check_srun(env, run_args, fix):
+    """srun on the PATH, and SLURM_RUN_ARGS that split on whitespace into what was meant."""
+    if shutil.which("srun", path=env.get("PATH")) is None:
+        raise Refusal(f"srun not found: --slurm sends each run to Slurm with srun; {fix}")
+    if re.search(r"['\"\\]", run_args):
+        raise Refusal("SLURM_RUN_ARGS must not contain quotes or backslashes: it is split on whitespace, "
+                      "nothing else")
+
+
+def srun_prefix(name, run_args):
+    """The command line that makes a run a Slurm job of one GPU: srun, the job's name, the site's arguments."""
+    return f"srun --job-name={name} {run_args}".rstrip()
 
 
 def pane_exports(env):
@@ -380,11 +394,7 @@ def check_launch(root, args, env):
             raise Refusal(f"agent program '{program}' not found on PATH (agent {agent}): install it, "
                           "or set AUTORESEARCH_AGENT_CMD")
     if slurm:
-        if shutil.which("srun", path=env.get("PATH")) is None:
-            raise Refusal("srun not found: --slurm sends each run to Slurm with srun; launch from a Slurm login node")
-        if re.search(r"['\"\\]", s.slurm_run_args):
-            raise Refusal("SLURM_RUN_ARGS must not contain quotes or backslashes: it is split on whitespace, "
-                          "nothing else")
+        check_srun(env, s.slurm_run_args, "launch from a Slurm login node")
     else:
         n = gpu_count()
         for _, gpu in workers:
@@ -436,7 +446,7 @@ def pane_command(m, w, s, env):
     night = (f"export AUTORESEARCH_LAUNCH={shlex.quote(m.launch_id)} AUTORESEARCH_TAG={shlex.quote(m.tag)} "
              f"AUTORESEARCH_WORKER=gpu{w.index} AUTORESEARCH_BOARD={shlex.quote(m.board)}; ")
     if m.slurm:
-        prefix = f"srun --job-name={w.job_name} {s.slurm_run_args}".rstrip()
+        prefix = srun_prefix(w.job_name, s.slurm_run_args)
         where = f"unset CUDA_VISIBLE_DEVICES; export AUTORESEARCH_RUN={shlex.quote(prefix)}; "
         label = f"worker {w.index} (Slurm job {w.job_name})"
     else:
@@ -891,7 +901,7 @@ def status(root, args, env):
 # Command line
 # =============================================================================
 
-COMMANDS = ("launch", "stop", "status", "board")
+COMMANDS = ("launch", "stop", "status", "board", "confirm")
 
 
 def main(argv=None, env=None):
@@ -901,11 +911,11 @@ def main(argv=None, env=None):
         return watch(argv[1])
     try:
         if not argv:
-            raise Refusal("no command given: bash spawn.sh launch|stop|status|board|help")
+            raise Refusal("no command given: bash spawn.sh launch|stop|status|board|confirm|help")
         command, rest = argv[0], argv[1:]
         if command not in COMMANDS:
-            raise Refusal(f"unknown command '{command}': use launch, stop, status, board or help")
-        for tool in ("git",) if command == "board" else ("git", "tmux"):
+            raise Refusal(f"unknown command '{command}': use launch, stop, status, board, confirm or help")
+        for tool in ("git",) if command in ("board", "confirm") else ("git", "tmux"):
             if shutil.which(tool, path=env.get("PATH")) is None:
                 raise Refusal(f"{tool} not found: install {tool} (e.g. apt-get install {tool})")
         script_dir = Path(__file__).resolve().parent.parent
@@ -913,6 +923,9 @@ def main(argv=None, env=None):
             root = common_dir(script_dir)
             return board.main(rest, env, root=root.parent if root else ".")
         root = find_root(script_dir, Path.cwd())
+        if command == "confirm":  # its own module, which catches its own refusals
+            from autoresearch import confirm
+            return confirm.main(root, rest, env)
         return {"launch": launch, "stop": stop, "status": status}[command](root, rest, env)
     except Refusal as e:
         log(f"error: {e}", sys.stderr)

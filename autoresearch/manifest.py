@@ -6,8 +6,8 @@ records them in manifest.json, written last; the checks here compare them by
 content and name the file and the command that heals it. DO NOT MODIFY (fixed
 harness).
 
-Imported by prepare.py (and its tests); it imports autoresearch.files,
-autoresearch.paths and autoresearch.tokencache.
+Imported by prepare.py (and its tests) and autoresearch/live.py; it imports
+autoresearch.files, autoresearch.paths and autoresearch.tokencache.
 """
 
 import glob
@@ -15,7 +15,7 @@ import os
 
 from autoresearch import paths
 from autoresearch.files import RUN_PREPARE, PrepareError, parquet_readable, read_json, sha256, stamp, write_json
-from autoresearch.tokencache import check_token_caches
+from autoresearch.tokencache import check_token_caches, read_through
 
 # The fixed harness: prepare.py records these files' sha256 in the cache manifest,
 # verify_data() refuses a run when one differs (a missing file is recorded as missing).
@@ -95,6 +95,16 @@ def check_val_shard(val_path, manifest):
     return val_sha
 
 
+def check_val_not_training(val_path, val_sha, train_paths):
+    """The validation shard may not also be a training shard, under any name: a model trained on
+    it would be scored on what it saw. Sizes first; a sha256 only for a shard of the same size."""
+    size = os.path.getsize(val_path)
+    for path in train_paths:
+        if os.path.getsize(path) == size and sha256(path) == val_sha:
+            raise PrepareError(f"the training shard {path} is a copy of the validation shard: a model trained on it "
+                               f"would be scored on data it has seen; remove it and run {_fetch_command()}")
+
+
 def check_token_cache_files(tokenizer, shards):
     """Every cached shard's tokens, by structure and sha256 (in threads); one
     line naming the first that fails."""
@@ -139,6 +149,7 @@ def record_fingerprints(val_path, val_sha, tokenizer, train_paths):
                       f"{(sha or 'missing')[:12]}); recorded", flush=True)
     record = {"val": {"name": paths.VAL_FILENAME, "stamp": stamp(val_path), "sha256": val_sha},
               "tokenizer": tokenizer.id, "train_shards": [os.path.basename(p) for p in train_paths],
+              "read_through": read_through(train_paths, old.get("read_through")),  # the shards past the cache
               "harness": harness}
     if record == old:
         return False

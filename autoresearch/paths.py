@@ -23,12 +23,13 @@ time holds the cache (.prepare.lock); another one waits.
 The folders are module attributes that set_cache_root moves together (the
 import reads $AUTORESEARCH_CACHE; tests call it), so always read them as
 paths.DATA_DIR at call time, never copy them. Imported by prepare.py and the
-other autoresearch modules; it imports only autoresearch.files.
+other autoresearch modules; it imports only autoresearch.files and .environment.
 """
 
 import os
 import re
 
+from autoresearch import environment
 from autoresearch.files import RUN_PREPARE, PrepareError, read_json
 
 MAX_SHARD = 6542                      # shards are shard_00000 ... shard_06542
@@ -46,7 +47,7 @@ def set_cache_root(root):
     TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")
 
 
-set_cache_root(os.environ.get("AUTORESEARCH_CACHE") or "~/.cache/autoresearch")
+set_cache_root(environment.text("AUTORESEARCH_CACHE", "~/.cache/autoresearch"))
 
 
 def make_folder(path):

@@ -31,6 +31,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from autoresearch import paths
 from autoresearch.files import (PrepareError, open_parquet, read_json, read_texts, sha256, stamp, write_atomic,
@@ -133,6 +136,53 @@ def ensure_token_cache(tokenizer, shards):
     return True
 
 # =============================================================================
+# Training shards past the cache's span: read through once, then known by stamp
+# =============================================================================
+# The loader tokenizes them on the fly, so no token cache vouches for them. prepare
+# reads every page of their text once (a corrupt page stops it, naming the shard)
+# and manifest.json keeps their size and mtime; verify_data compares those.
+
+
+def _decode_fault(path):
+    """None when every page of the shard's text column decodes, else what failed."""
+    try:
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            pf.read_row_group(rg, columns=["text"])
+    except Exception as e:  # any damage: named by prepare, never a crash
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def read_through(train_paths, recorded):
+    """Read every page of the training shards past TOKEN_CACHE_SHARDS that recorded
+    ({name: stamp}, from manifest.json) does not know at their current stamp, in threads.
+    Returns {name: stamp} of all of them, for manifest.json; one line for a corrupt one."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    stamps = {path: stamp(path) for path in train_paths[TOKEN_CACHE_SHARDS:]}
+    todo = [path for path, now in stamps.items() if recorded.get(os.path.basename(path)) != now]
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+            for path, fault in zip(todo, pool.map(_decode_fault, todo)):
+                if fault is not None:
+                    imported = paths.import_state()
+                    fix = (f"mend or remove the file it came from in {imported['source']}, then import again"
+                           if imported else "remove it and run `uv run prepare.py` to download it again")
+                    raise PrepareError(f"training shard {path} does not read ({fault}): {fix}")
+        print(f"data: {len(todo)} training shards past the token cache read through: every page decodes", flush=True)
+    return {os.path.basename(path): now for path, now in stamps.items()}
+
+
+def check_read_through(train_paths, recorded):
+    """verify_data's check: every training shard past TOKEN_CACHE_SHARDS has the size and
+    mtime it had when prepare.py read it through (recorded: {name: stamp})."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    for path in train_paths[TOKEN_CACHE_SHARDS:]:
+        if recorded.get(os.path.basename(path)) != stamp(path):
+            raise PrepareError(f"training shard {path} is new or changed since prepare.py read it through: "
+                               f"run `uv run prepare.py`")
+
+# =============================================================================
 # Checking and loading a cached shard
 # =============================================================================
 
@@ -233,6 +283,32 @@ def replay_small_split(batches, min_docs):
 # =============================================================================
 
 
+def _val_minimum(eval_tokens, seq_len):
+    """The fewest text tokens a validation split may hold: MIN_VAL_FRACTION of eval_tokens, and one full row."""
+    return max(math.ceil(eval_tokens * MIN_VAL_FRACTION), seq_len + 1)
+
+
+def _too_small(size, eval_tokens, seq_len):
+    minimum = _val_minimum(eval_tokens, seq_len)
+    return PrepareError(f"the validation split is too small for val_bpb: {size}; it needs at least {minimum:,} "
+                        f"tokens ({MIN_VAL_FRACTION:.0%} of EVAL_TOKENS={eval_tokens:,}, and one full row); "
+                        f"add data (the last parquet file, or the last 10% of documents, is validation)")
+
+
+def check_val_bytes(val_path, eval_tokens, seq_len):
+    """Before any tokenizer is trained: refuse a validation split whose text has fewer
+    UTF-8 bytes than the tokens it needs. Every text token stands for at least one byte,
+    so such a split is too small whatever the tokenizer; check_val_split counts exactly."""
+    pf = open_parquet(val_path)
+    docs, nbytes = pf.metadata.num_rows, 0
+    for rg in range(pf.num_row_groups):
+        column = pf.read_row_group(rg, columns=["text"]).column("text").cast(pa.large_string())
+        nbytes += pc.sum(pc.binary_length(column)).as_py() or 0
+    if nbytes < _val_minimum(eval_tokens, seq_len):
+        raise _too_small(f"{docs:,} documents, {nbytes:,} bytes of text (so at most {nbytes:,} tokens)",
+                         eval_tokens, seq_len)
+
+
 def check_val_split(tokenizer, val_path, eval_tokens, seq_len):
     """Refuse a validation split too small for val_bpb to mean anything (below
     MIN_VAL_FRACTION of eval_tokens, or one row of seq_len + 1), and say in one
@@ -244,12 +320,9 @@ def check_val_split(tokenizer, val_path, eval_tokens, seq_len):
     tokens, offsets = cached[0], cached[1]
     docs = len(offsets) - 1
     n = len(tokens) - docs
-    minimum = max(math.ceil(eval_tokens * MIN_VAL_FRACTION), seq_len + 1)
     size = f"{docs:,} documents, {n:,} tokens"
-    if n < minimum:
-        raise PrepareError(f"the validation split is too small for val_bpb: {size}; it needs at least {minimum:,} "
-                           f"tokens ({MIN_VAL_FRACTION:.0%} of EVAL_TOKENS={eval_tokens:,}, and one full row); "
-                           f"add data (the last parquet file, or the last 10% of documents, is validation)")
+    if n < _val_minimum(eval_tokens, seq_len):
+        raise _too_small(size, eval_tokens, seq_len)
     if n < eval_tokens:
         print(f"val split: {size}, fewer than the {eval_tokens:,} tokens val_bpb scores: each token counts about "
               f"{eval_tokens / n:.1f} times (a larger split gives a steadier number)", flush=True)

@@ -137,9 +137,17 @@ def ensure_tokenizer(train_paths, retrain, **settings):
     """prepare's tokenizer step: rebuild token_bytes.pt when only it is damaged;
     train (with settings, see train_tokenizer) when no trusted tokenizer is there
     or retrain asks; else keep it, saying whether the training shards changed
-    since (results stay comparable). Returns True when anything changed."""
+    since (results stay comparable). Only a tokenizer that a finished prepare run
+    recorded in manifest.json is kept: one from a failed run is trained again.
+    Returns True when anything changed."""
     changed = _repair_token_bytes()
     manifest = tokenizer_state()
+    recorded = (read_json(os.path.join(paths.CACHE_DIR, "manifest.json")) or {}).get("tokenizer")
+    if manifest is not None and not retrain and manifest["id"] != recorded:
+        # Trained by a prepare run that did not finish (an import refused, say, for a small
+        # validation split): no result was measured with it, so there is nothing to compare.
+        print("tokenizer: the one there is from a prepare run that did not finish; training it again", flush=True)
+        manifest = None
     if manifest is None or retrain:
         train_tokenizer(train_paths, **settings)
         return True

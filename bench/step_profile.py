@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402
 
 from autoresearch import gpu  # noqa: E402  (first: it sets the CUDA allocator's options, as in a run)
-from autoresearch import attention  # noqa: E402
+from autoresearch import attention, seeding  # noqa: E402
 import train  # noqa: E402
 
 
@@ -103,7 +103,7 @@ def main():
     torch.set_float32_matmul_precision("high")
     print("attention:", attention.select_attention(device))
     config = train.model_config(8192)
-    model, optimizer = train.build_model(config, device)  # seed 42, as a run
+    model, optimizer = train.build_model(config, device, seeding.DEFAULT_SEED)  # seed 42, as a run
     attention.prepare_attention(config, model.window_sizes, device)  # flex block masks or the FA4 probe, before compile
     print(f"model + optimizer built: {time.time() - T_START:.1f} s since start", flush=True)
     if args.compile == "losses":

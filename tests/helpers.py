@@ -98,8 +98,11 @@ def make_document(rng):
 
 
 def corpus_documents(n, seed):
+    """n documents, each one unique across seeds too (a short one is tagged with its seed and
+    index): an import drops validation documents that are copies of training documents."""
     rng = random.Random(seed)
     docs = [make_document(rng) for _ in range(n)]
+    docs = [f"{doc} {seed}.{i}" if len(doc) < 8 else doc for i, doc in enumerate(docs)]
     if seed == 0:
         docs[7] = f"A document that mentions {SPECIAL_LITERAL} as plain text."
     return docs
@@ -188,7 +191,7 @@ def tiny_model(n_layer=2, n_embd=64, n_head=2, n_kv_head=None, vocab_size=97, se
 
 REPO = ROOT
 SPAWN = REPO / "spawn.sh"
-LAUNCHER = ("spawn.sh", "autoresearch/launch.py", "autoresearch/board.py")  # what spawn.sh needs
+LAUNCHER = ("spawn.sh", "autoresearch/launch.py", "autoresearch/board.py", "autoresearch/confirm.py")  # spawn.sh's
 PROMPT = "Read program.md and follow the instructions."
 
 STAND_IN = r"""#!/usr/bin/env bash
@@ -317,6 +320,21 @@ def alive(pid):
     return True
 
 
+def path_without(tmp_path, tool):
+    """A PATH with every program of this one but <tool>."""
+    shadow = tmp_path / f"path-without-{tool}"
+    shadow.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.scandir(folder):
+            target = shadow / entry.name
+            if entry.name != tool and not target.exists() and not target.is_symlink():
+                target.symlink_to(entry.path)
+    assert shutil.which(tool, path=str(shadow)) is None
+    return str(shadow)
+
+
 def make_sandbox(tmp_path, request, **kwargs):
     missing = [tool for tool in ("git", "tmux") if shutil.which(tool) is None]
     if missing:
@@ -359,6 +377,38 @@ def start_night(sb, tag, *launch_args, **env):
         log = sb.out / f"{w}.log"
         wait_for(lambda: log.exists() and "plan done" in log.read_text(), 180,
                  f"{w} never finished its plan: {log.read_text() if log.exists() else 'no log'}")
+
+
+def finished_night(sb, tag, ideas=(("swiglu", 0.010), ("gelu", -0.004), ("qk_norm", 0.005))):
+    """A night that ran and stopped, without agents: the stand-in train.py and fake_train.py committed on
+    main (the launch commit), a commit per idea on the branch autoresearch/<tag>-gpu0 (a negative gain is
+    discarded: reset), and the board's rows. Returns {"baseline": hash, "best": hash} (full hashes)."""
+    (sb.repo / "train.py").write_text("# stand-in train.py: each GAIN_ line is a kept idea\nBASE = 1.0\n")
+    (sb.repo / "fake_train.py").write_text(FAKE_TRAIN)
+    git(sb.repo, "add", "-A")
+    git(sb.repo, "commit", "-qm", "stand-in train.py")
+    commits = {"baseline": git(sb.repo, "rev-parse", "HEAD")}
+    git(sb.repo, "checkout", "-q", "-b", f"autoresearch/{tag}-gpu0")
+    (sb.repo / "results").mkdir(exist_ok=True)
+    path = board.board_file(sb.repo, tag)
+    row = lambda commit, val, status, what: board.append(path, board.Entry(  # noqa: E731
+        0, board.now_utc(), "gpu0", commit[:7], val, status, 42, "bc4697856eaf", what))
+    row(commits["baseline"], 1.0, "keep", "baseline")
+    val = 1.0
+    for name, gain in ideas:
+        with open(sb.repo / "train.py", "a") as f:
+            f.write(f"GAIN_{name} = {gain}\n")
+        git(sb.repo, "commit", "-qam", name)
+        commit = git(sb.repo, "rev-parse", "HEAD")
+        if gain > 0:
+            val -= gain
+            row(commit, val, "keep", name)
+            commits["best"] = commit
+        else:
+            row(commit, val - gain, "discard", name)
+            git(sb.repo, "reset", "-q", "--hard", "HEAD~1")
+    git(sb.repo, "checkout", "-q", "main")
+    return commits
 
 
 def check_night(sb, tag):

@@ -1,17 +1,19 @@
 """
-A stand-in research agent: program.md's loop and PROGRAM_BOARD.md's board
-steps, with a fake training run (no GPU, no model), for tests and examples.
+A stand-in research agent: program.md's loop and its board steps, with a
+fake training run (no GPU, no model), for tests and examples.
 
     python tests/stand_in.py PLAN.json OUT PROMPT    # what spawn.sh starts in a pane
 
 The sandbox repository holds a train.py of `GAIN_<idea> = <gain>` lines and
 this file's FAKE_TRAIN as fake_train.py, which scores train.py: val_bpb =
 1.0 - the sum of the gains + a small wobble fixed by the file's text and the
-seed, printed in program.md's summary block with a `seed:` line and a data
-identity line. PLAN.json maps each worker (gpu<N>) to its ideas, in order:
-{"name": "swiglu", "gain": 0.004} (a negative gain makes a discard, "crash":
-true a crash), with "after": ["gpu0", "swiglu"] to wait until that worker has
-a result for it.
+seed (AUTORESEARCH_SEED), printed in program.md's summary block with `seed:`,
+`init:` and `data:` lines as train.py prints them, after a data identity line
+(whose fingerprint the `data:` line is) and lines that say where and when it
+ran (SLURM_JOB_NAME, CUDA_VISIBLE_DEVICES, start and end times). PLAN.json
+maps each worker (gpu<N>) to its ideas, in order: {"name": "swiglu", "gain":
+0.004} (a negative gain makes a discard, "crash": true a crash), with
+"after": ["gpu0", "swiglu"] to wait until that worker has a result for it.
 
 Each loop: read the board (bash spawn.sh board show --json), adopt another's
 best when the board says so (git reset --hard + post adopt), skip an idea
@@ -30,6 +32,7 @@ from pathlib import Path
 
 FAKE_TRAIN = r'''
 import hashlib, os, re, sys, time
+started = time.time()
 text = open("train.py").read()
 if "\nCRASH" in text:
     sys.exit("FAIL: out of memory (a stand-in crash)")
@@ -39,10 +42,14 @@ wobble = int(hashlib.sha256(f"{text}{seed}".encode()).hexdigest()[:6], 16) / 0xF
 time.sleep(float(os.environ.get("STAND_IN_RUN_SECONDS", "0.3")))
 print("data: val=5f0c2a9e tokenizer=1b7d3c4e train_shards=9a8b7c6d | harness train.py=0")
 print(f"job: {os.environ.get('SLURM_JOB_NAME', 'none')}")
+print(f"gpu: {os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}")
+print(f"ran: {started:.3f} {time.time():.3f}")
 print("---")
 print(f"val_bpb:          {1.0 - gains + wobble:.6f}")
 print("peak_vram_mb:     45060.2")
 print(f"seed:             {seed}")
+print(f"init:             {hashlib.sha256(f'{seed}'.encode()).hexdigest()[:12]}")
+print("data:             bc4697856eaf")
 '''
 
 
@@ -69,7 +76,7 @@ def main(plan_path, out_dir):
         found = sh("grep '^val_bpb:' run.log", check=False).split()
         if not found:  # a crash: logged, posted, and the code goes back
             with open("results.tsv", "a") as f:
-                f.write(f"{sh('git rev-parse --short=7 HEAD').strip()}\t0.000000\t0.0\tcrash\t{description}\n")
+                f.write(f"{sh('git rev-parse --short=7 HEAD').strip()}\t0.000000\t0.0\tcrash\t42\t{description}\n")
             sh(f"bash spawn.sh board post crash '{description}'")
             sh("git reset --hard HEAD~1")
             say(f"crash {description}")
@@ -80,13 +87,13 @@ def main(plan_path, out_dir):
         status = "keep" if keep else "discard"
         commit = sh("git rev-parse --short=7 HEAD").strip()
         with open("results.tsv", "a") as f:
-            f.write(f"{commit}\t{val:.6f}\t44.0\t{status}\t{description}\n")
+            f.write(f"{commit}\t{val:.6f}\t44.0\t{status}\t42\t{description}\n")
         sh(f"bash spawn.sh board post {status} {val:.6f} '{description}'")
         if not keep:
             sh("git reset --hard HEAD~1")
         say(f"{status} {val:.6f} {description}")
 
-    Path("results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
+    Path("results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tseed\tdescription\n")
     run_and_post("baseline")
     for idea in plan + [None]:
         if idea and "after" in idea:

@@ -105,9 +105,13 @@ def test_summary_numbers(night):
     assert s["best"]["val_bpb"] == BEST and s["best"]["commit"] == "f6a7b8c"
     assert s["improvement"] == pytest.approx(BASELINE - BEST)
     assert s["improvement_pct"] == pytest.approx(100 * (BASELINE - BEST) / BASELINE, abs=1e-4)
-    assert s["noise"] == pytest.approx(NOISE) and s["noise_source"] == "reruns"
+    # The threshold: 3 x the rerun noise (0.0021), above the default 0.002.
+    assert s["noise"] == pytest.approx(NOISE) and s["noise_groups"] == 1
+    assert s["threshold"] == pytest.approx(3 * NOISE) and s["threshold_source"] == "reruns"
     assert [st["delta"] for st in s["steps"]] == pytest.approx(STEP_DELTAS)
     assert [st["within_noise"] for st in s["steps"]] == [False, True, False]
+    assert [st["verdict"] for st in s["steps"]] == ["large", "unconfirmed", "large"]
+    assert [st["parent"] for st in s["steps"]] == ["a1b2c3d", "b2c3d4e", "e5f6a7b"]
     assert [st["commit"] for st in s["top"]] == ["f6a7b8c", "b2c3d4e", "e5f6a7b"]
 
 
@@ -153,15 +157,20 @@ def test_crashes_before_the_baseline_are_counted_apart(tmp_path):
 def test_explicit_noise_overrides_reruns(night):
     rows, _ = analysis.parse(night)
     s = analysis.summarize(rows, night, noise=0.005)
-    assert s["noise"] == 0.005 and s["noise_source"] == "--noise"
+    assert s["threshold"] == 0.005 and s["threshold_source"] == "--noise" and s["noise"] == pytest.approx(NOISE)
     # 0.0047 and 0.0002 are under 0.005; 0.008 is not.
     assert [st["within_noise"] for st in s["steps"]] == [True, True, False]
+    assert [st["verdict"] for st in s["steps"]] == ["unconfirmed", "unconfirmed", "large"]
 
 
-def test_no_noise_flags_nothing(tmp_path):
-    rows, _ = analysis.parse(write(tmp_path, "r.tsv", HEADER + "a\t1.0\t1.0\tkeep\tbase\nb\t0.9\t1.0\tkeep\tx\n"))
+def test_without_reruns_the_default_threshold_applies(tmp_path):
+    rows, _ = analysis.parse(write(tmp_path, "r.tsv", HEADER + "a\t1.0\t1.0\tkeep\tbase\nb\t0.9\t1.0\tkeep\tx\n"
+                                                              "c\t0.899\t1.0\tkeep\ty\n"))
     s = analysis.summarize(rows)
-    assert s["noise"] is None and s["steps"][0]["within_noise"] is False
+    assert s["noise"] is None and s["threshold"] == board.CONFIRM_THRESHOLD and s["threshold_source"] == "default"
+    assert [(st["within_noise"], st["verdict"]) for st in s["steps"]] == [(False, "large"), (True, "unconfirmed")]
+    assert (f"threshold:   0.002000  (the default, {board.CONFIRM_FACTOR} x the 0.0007 rerun difference measured on "
+            "an H100, issue 24; no paired reruns here)") in analysis.report([s])
 
 
 @pytest.mark.parametrize("text", ["", HEADER, HEADER + "\n\n", HEADER + "abc\t0.000000\t0.0\tcrash\toom\n"])
@@ -188,9 +197,11 @@ def test_text_report(night):
                    "noise reruns: 1",
                    f"baseline:    {BASELINE:.6f}", f"best:        {BEST:.6f}",
                    f"improvement: {BASELINE - BEST:.6f}", f"({100 * (BASELINE - BEST) / BASELINE:.2f}% of the baseline)",
-                   f"noise:       {NOISE:.6f}",
-                   f"#1    b2c3d4e  0.993200  {STEP_DELTAS[0]:+.6f}  increase matrix LR to 0.05",
-                   f"#4    e5f6a7b  0.993000  {STEP_DELTAS[1]:+.6f}  warmdown 0.6  within noise",
+                   f"threshold:   {3 * NOISE:.6f}  (3 x the rerun noise, paired reruns here: max-min "
+                   f"{NOISE:.6f} over 1 commit(s) at one seed)",
+                   "kept experiments (2 large, 1 unconfirmed; delta vs the best before it):",
+                   f"#1    b2c3d4e  0.993200  {STEP_DELTAS[0]:+.6f}  large        increase matrix LR to 0.05\n",
+                   f"#4    e5f6a7b  0.993000  {STEP_DELTAS[1]:+.6f}  unconfirmed  warmdown 0.6\n",
                    f"1. {-STEP_DELTAS[2]:.6f}  #5    f6a7b8c"):
         assert needle in out, (needle, out)
     # Malformed input is warned with file:line and skipped.
@@ -229,6 +240,95 @@ def test_several_files_compared(tmp_path, night):
 
 
 # =============================================================================
+# The seed column and the keep rule: paired noise, large, confirmed, unconfirmed
+# =============================================================================
+
+SEEDED = "commit\tval_bpb\tmemory_gb\tstatus\tseed\tdescription\n"
+
+# program.md's keep rule, logged: a large gain kept at once; a small one confirmed at seed 43 (parent and
+# candidate each a confirm row) and kept; one that lost its confirmation but was kept anyway; a small one
+# kept without confirming; one kept though worse than the best. The baseline's rerun at seed 43 is not
+# noise (another seed); its rerun at 42 is.
+KEEP_RULE = SEEDED + (
+    "aaaaaaa\t1.000000\t44.0\tkeep\t42\tbaseline\n"
+    "aaaaaaa\t1.000600\t44.0\tnoise\t42\trerun of the baseline\n"
+    "aaaaaaa\t0.991000\t44.0\tnoise\t43\tthe baseline at another seed: not noise\n"
+    "bbbbbbb\t0.995000\t44.0\tkeep\t42\tlarge: matrix lr\n"
+    "ccccccc\t0.994000\t44.0\tconfirm\t43\tsmall: warmdown, at seed 43\n"
+    "bbbbbbb\t0.994500\t44.0\tconfirm\t43\tits parent at seed 43\n"
+    "ccccccc\t0.994200\t44.0\tkeep\t42\tsmall: warmdown\n"
+    "ddddddd\t0.994900\t44.0\tconfirm\t43\tsmall: rope base, at seed 43\n"
+    "ccccccc\t0.994300\t44.0\tconfirm\t43\tits parent at seed 43 (again)\n"
+    "ddddddd\t0.993900\t44.0\tkeep\t42\tsmall: rope base, lost at 43, kept anyway\n"
+    "eeeeeee\t0.993500\t44.0\tkeep\t42\tsmall: unconfirmed\n"
+    "fffffff\t0.996000\t44.0\tkeep\t42\tkept though worse\n"
+    "0000000\t0.990000\t44.0\tdiscard\t42\tdiscarded\n"
+)
+
+
+def test_seed_column_and_old_files(tmp_path):
+    rows, warnings = analysis.parse(write(tmp_path, "r.tsv", KEEP_RULE))
+    assert warnings == [] and [r.seed for r in rows[:4]] == [42, 42, 43, 42]
+    assert [r.n for r in rows] == [0, None, None, 1, None, None, 2, None, None, 3, 4, 5, 6]  # confirm: no number
+    # Five-column files still read (seed unknown: 42); a six-column row without a header is read by its shape.
+    old, _ = analysis.parse(write(tmp_path, "old.tsv", NIGHT))
+    assert all(r.seed is None for r in old) and len(old) == 7
+    bare, warnings = analysis.parse(write(tmp_path, "bare.tsv", "a\t1.0\t44.0\tkeep\t7\tbase\n"
+                                                                "b\t0.9\t44.0\tkeep\tx\n"))
+    assert warnings == [] and [(r.seed, r.description) for r in bare] == [(7, "base"), (None, "x")]
+    _, warnings = analysis.parse(write(tmp_path, "bad.tsv", SEEDED + "a\t1.0\t44.0\tkeep\tseven\tx\n"
+                                                                     "b\t1.0\t44.0\tkeep\tx\n"))
+    assert "seed 'seven' is not a number" in warnings[0] and "expected 6 tab-separated columns" in warnings[1]
+
+
+def test_the_keep_rule_verdicts(tmp_path):
+    path = write(tmp_path, "r.tsv", KEEP_RULE)
+    s = analysis.summarize(analysis.parse(path)[0], path)
+    # Paired noise only: the baseline's rerun at 42 (0.0006), not its run at 43 (0.009 away).
+    assert s["noise"] == pytest.approx(0.0006) and s["noise_groups"] == 1
+    assert s["threshold"] == board.CONFIRM_THRESHOLD and s["threshold_source"] == "default"  # 3 x 0.0006 < 0.002
+    steps = {st["commit"]: st for st in s["steps"]}
+    assert {c: st["verdict"] for c, st in steps.items()} == {
+        "bbbbbbb": "large", "ccccccc": "confirmed", "ddddddd": "unconfirmed", "eeeeeee": "unconfirmed",
+        "fffffff": "no gain"}
+    assert steps["ccccccc"]["confirmations"] == [{"seed": 43, "val_bpb": 0.994, "parent": 0.9945, "won": True}]
+    assert steps["ddddddd"]["confirmations"] == [{"seed": 43, "val_bpb": 0.9949, "parent": 0.9943, "won": False}]
+    # Kept though worse than the best: not an improvement, and not "within noise" (it was flagged so).
+    assert steps["fffffff"]["within_noise"] is False and steps["fffffff"]["delta"] > 0
+    assert steps["eeeeeee"]["within_noise"] is True and steps["bbbbbbb"]["within_noise"] is False
+    out = run_cli(path).stdout
+    assert "kept experiments (1 large, 1 confirmed, 2 unconfirmed, 1 no gain; delta vs the best before it):" in out
+    assert "confirmed    small: warmdown  (seed 43: 0.994000 vs 0.994500, won)" in out
+    assert "unconfirmed  small: rope base, lost at 43, kept anyway  (seed 43: 0.994900 vs 0.994300, lost)" in out
+    assert "no gain      kept though worse  (not an improvement)" in out and "within noise" not in out
+    assert "noise reruns: 2  confirmation runs: 4" in out
+
+
+def test_noise_is_measured_on_paired_runs_only(tmp_path):
+    # Before: every run of a commit counted, whatever its seed: 0.009 here, a seed's difference, not a rerun's.
+    path = write(tmp_path, "r.tsv", SEEDED + "aaaaaaa\t1.000000\t44.0\tkeep\t42\tbaseline\n"
+                                             "aaaaaaa\t0.991000\t44.0\tnoise\t43\tanother seed\n"
+                                             "bbbbbbb\t0.995000\t44.0\tkeep\t42\tx\n")
+    s = analysis.summarize(analysis.parse(path)[0], path)
+    assert s["noise"] is None and s["threshold_source"] == "default"
+    # A measured noise above the default's raises the threshold to 3 x it.
+    path = write(tmp_path, "r2.tsv", SEEDED + "aaaaaaa\t1.000000\t44.0\tkeep\t42\tbaseline\n"
+                                              "aaaaaaa\t1.001000\t44.0\tnoise\t42\trerun\n"
+                                              "bbbbbbb\t0.997500\t44.0\tkeep\t42\tx\n")
+    s = analysis.summarize(analysis.parse(path)[0], path)
+    assert s["threshold"] == pytest.approx(0.003) and s["threshold_source"] == "reruns"
+    assert s["steps"][0]["verdict"] == "unconfirmed"   # 0.0025: above the default, not above 3 x 0.001
+
+
+def test_a_step_at_another_seed_is_not_paired(tmp_path):
+    path = write(tmp_path, "r.tsv", SEEDED + "aaaaaaa\t1.000000\t44.0\tkeep\t42\tbaseline\n"
+                                             "bbbbbbb\t0.990000\t44.0\tkeep\t137\tlucky seed\n")
+    s = analysis.summarize(analysis.parse(path)[0], path)
+    assert s["steps"][0]["paired"] is False and s["steps"][0]["verdict"] == "unconfirmed"
+    assert "(not paired: its seed differs from aaaaaaa's)" in analysis.report([s])
+
+
+# =============================================================================
 # JSON and plot
 # =============================================================================
 
@@ -240,12 +340,13 @@ def test_json_fields(night, tmp_path):
     assert set(data) == {"files", "best_file"} and data["best_file"] == str(night)
     s = data["files"][0]
     assert set(s) == {"path", "experiments", "kept", "discarded", "crashed", "crashed_before_baseline",
-                      "noise_runs", "keep_rate", "baseline", "best", "improvement", "improvement_pct", "noise",
-                      "noise_source", "steps", "top", "warnings"}
+                      "noise_runs", "confirm_runs", "keep_rate", "baseline", "best", "improvement", "improvement_pct",
+                      "noise", "noise_groups", "threshold", "threshold_source", "steps", "top", "warnings"}
     assert s["best"] == {"n": 5, "line": 10, "commit": "f6a7b8c", "val_bpb": BEST, "memory_gb": 43.0,
-                         "status": "keep", "description": "bigger batch, less depth"}
-    assert s["noise"] == 0.001 and s["noise_source"] == "--noise"
-    assert set(s["steps"][0]) >= {"prev_best", "delta", "within_noise"}
+                         "status": "keep", "description": "bigger batch, less depth", "seed": None}
+    assert s["threshold"] == 0.001 and s["threshold_source"] == "--noise"
+    assert set(s["steps"][0]) >= {"prev_best", "parent", "delta", "paired", "within_noise", "verdict",
+                                  "confirmations"}
     assert [st["within_noise"] for st in s["steps"]] == [False, True, False]
     assert len(s["warnings"]) == 2
     assert data["files"][1]["steps"] == [] and data["files"][1]["improvement"] == 0
@@ -580,3 +681,75 @@ def test_empty_board(tmp_path):
     path = write(tmp_path, "b.tsv", "\t".join(board.COLUMNS) + "\n")
     r = run_cli(path, "--plot", tmp_path / "f.png")
     assert r.returncode == 0 and "no kept result yet (0 rows)" in r.stdout and (tmp_path / "f.png").is_file()
+
+
+# =============================================================================
+# The morning's confirm file: the night's gain over seeds
+# =============================================================================
+
+CONFIRM_HEADER = "time\trole\tcommit\tseed\tval_bpb\tmemory_gb\tdata\twhere\tnote\n"
+T = "2026-03-06T08:00:00Z"
+CONFIRMED = CONFIRM_HEADER + "".join(
+    f"{T}\t{role}\t{commit}\t{seed}\t{val}\t44.0\t{data}\tgpu{seed % 3}\t{note}\n"
+    for role, commit, seed, val, data, note in (
+        ("baseline", "aaaaaaa", 1, "1.000000", "fp", "-"), ("best", "fffffff", 1, "0.985000", "fp", "-"),
+        ("baseline", "aaaaaaa", 2, "0.998000", "fp", "-"), ("best", "fffffff", 2, "0.985000", "fp", "-"),
+        ("baseline", "aaaaaaa", 3, "1.002000", "fp", "-"), ("best", "fffffff", 3, "0.985000", "fp", "-"),
+        ("best", "fffffff", 3, "0.987000", "fp", "-"),     # a rerun at seed 3: the mean counts (0.986)
+        ("baseline", "aaaaaaa", 4, "1.000000", "fp", "-"), ("best", "fffffff", 4, "0.990000", "fp2", "-"),  # other data
+        ("baseline", "aaaaaaa", 5, "-", "-", "no val_bpb: exit 1"), ("best", "fffffff", 5, "0.985000", "fp", "-"),
+    ))
+
+
+def test_confirm_file_report(tmp_path):
+    (tmp_path / "results").mkdir()
+    path = write(tmp_path / "results", "mar5-confirm.tsv", CONFIRMED)
+    r = run_cli(path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    gains = [0.015, 0.013, 0.016]          # seeds 1, 2, 3; 4 is on other data, 5 has no baseline number
+    mean = sum(gains) / 3
+    sd = (sum((g - mean) ** 2 for g in gains) / 2) ** 0.5
+    for needle in ("baseline aaaaaaa vs best fffffff, paired seed by seed:",
+                   "  seed 3     baseline 1.002000  best 0.986000  gain +0.016000",
+                   f"gain:         {mean:.6f} +- {sd:.6f}  (mean +- sd over 3 seed(s); range 0.013000 .. 0.016000; "
+                   "the best wins at 3 of 3)",
+                   f"quote:        {mean:.4f} +- {sd:.4f} val_bpb over 3 seed(s)",
+                   "runs without a number: 1 (baseline seed 5: no val_bpb: exit 1)"):
+        assert needle in out, (needle, out)
+    assert "the loop saw" not in out and "seed 4 " not in out
+    # Its night's board, found next to it, gives the one-seed figure the loop saw.
+    write(tmp_path / "results", "mar5-board.tsv", "\t".join(board.COLUMNS) + "\n"
+          f"{T}\tgpu0\taaaaaaa\t1.000000\tkeep\t42\tfp\tbaseline\n"
+          f"{T}\tgpu1\tfffffff\t0.980000\tkeep\t42\tfp\tbest\n")
+    out = run_cli(path).stdout
+    assert "the loop saw: 0.020000  (one run each at seed 42, " in out and "note:" not in out
+    data = json.loads(run_cli(path, "--json").stdout, parse_constant=_no_constants)
+    assert set(data) == {"confirm", "baseline_commit", "best_commit", "pairs", "gain", "night", "no_number", "warnings"}
+    assert data["gain"] == {"seeds": 3, "mean": pytest.approx(mean, abs=1e-6), "sd": pytest.approx(sd, abs=1e-6),
+                            "min": 0.013, "max": 0.016, "wins": 3}
+    assert data["night"]["gain"] == 0.02 and data["night"]["same_commits"] is True
+
+
+def test_confirm_file_with_its_board_and_refusals(tmp_path, night_board, night):
+    board_path, c = night_board
+    path = write(tmp_path, "confirm.tsv", CONFIRMED.replace("aaaaaaa", c["base"]).replace("fffffff", c["warm"]))
+    r = run_cli(board_path, path)
+    assert r.returncode == 0, r.stderr
+    assert "the night's board ==" in r.stdout and "the loop saw: 0.019000" in r.stdout
+    data = json.loads(run_cli(board_path, path, "--json").stdout)
+    assert data["best"]["commit"] == c["warm"] and data["confirm"]["gain"]["seeds"] == 3
+    for args, code, message in (([path, night], 1, "is a confirm file: read it alone, or with its night's board"),
+                                ([path, "--noise", "0.001"], 2, "--noise is for results files"),
+                                ([path, "--plot", tmp_path / "x.png"], 2, "a confirm file has no plot")):
+        r = run_cli(*args)
+        assert r.returncode == code and message in r.stderr, r.stderr
+
+
+def test_confirm_file_bad_rows_are_skipped(tmp_path):
+    path = write(tmp_path, "c.tsv", CONFIRM_HEADER + f"{T}\tbest\tfffffff\tone\t0.98\t44.0\tfp\tgpu0\t-\n"
+                                                     f"{T}\tworst\tfffffff\t1\t0.98\t44.0\tfp\tgpu0\t-\n"
+                                                     f"{T}\tbest\tfffffff\t1\t0.98\n")
+    r = run_cli(path)
+    assert r.returncode == 0 and "no seed has both runs yet" in r.stdout
+    assert r.stderr.count("skipped") == 3 and "role 'worst' is not baseline or best" in r.stderr

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, check_night, git, make_sandbox, start_night, wait_for
+from helpers import REPO, check_night, finished_night, git, make_sandbox, path_without, start_night, wait_for
 from slurm_cluster import INSTALL, SlurmCluster, missing_tools
 
 pytestmark = pytest.mark.slurm  # a one-node Slurm cluster: deselect with -m "not slurm"
@@ -198,24 +198,32 @@ def test_the_board_under_slurm(tmp_path, request, cluster):
         sb.close()
 
 
+def test_confirm_under_slurm(tmp_path, request, cluster):
+    """spawn.sh confirm --slurm: each run of the morning's confirmation a job, all queued at once."""
+    sb = make_sandbox(tmp_path, request)
+    sb.env = cluster.env(sb.env)
+    sb.env.update(SLURM_RUN_ARGS=RUN_ARGS, CONFIRM_RUN_CMD="python3 fake_train.py")
+    sb.fake_nvidia_smi(None)  # a login node without GPUs: --slurm needs none
+    try:
+        commits = finished_night(sb, "s6")
+        r = sb.spawn("confirm", "s6", "2", "--slurm")
+        assert r.returncode == 0, r.stdout + r.stderr + cluster.log_tail()
+        lines = (sb.repo / "results" / "s6-confirm.tsv").read_text().splitlines()[1:]
+        got = sorted((f[1], f[2], f[3], f[7]) for f in (line.split("\t") for line in lines))
+        assert got == sorted((role, commits[role][:7], str(s), "slurm") for role in ("baseline", "best") for s in (1, 2))
+        for role in ("baseline", "best"):
+            for s in (1, 2):
+                log = (sb.repo / "results" / "s6-confirm" / f"{commits[role][:7]}-seed{s}.log").read_text()
+                assert "job: autoresearch-s6-confirm\n" in log and "gpu: unset\n" in log, log
+                assert f"seed:             {s}\n" in log
+        assert not (sb.repo / "worktrees" / "confirm-s6").exists()
+    finally:
+        sb.close()
+
+
 # =============================================================================
 # Refused before anything is made (no cluster needed)
 # =============================================================================
-
-def path_without(tmp_path, tool):
-    """A PATH with every program of this one but <tool>."""
-    shadow = tmp_path / f"path-without-{tool}"
-    shadow.mkdir()
-    for folder in os.environ["PATH"].split(os.pathsep):
-        if not os.path.isdir(folder):
-            continue
-        for entry in os.scandir(folder):
-            target = shadow / entry.name
-            if entry.name != tool and not target.exists() and not target.is_symlink():
-                target.symlink_to(entry.path)
-    assert shutil.which(tool, path=str(shadow)) is None
-    return str(shadow)
-
 
 @pytest.mark.parametrize("env, message", [
     ("no srun", "srun not found"),

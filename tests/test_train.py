@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from autoresearch import attention
+from autoresearch import attention, seeding
 from train import GPT, GPTConfig, MuonAdamW
 
 from helpers import tiny_model
@@ -354,7 +354,7 @@ def test_without_cuda_and_without_smoke_exits_with_one_line():
 
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-                "total_tokens_M", "num_steps", "num_params_M", "depth"]
+                "total_tokens_M", "num_steps", "num_params_M", "depth", "seed", "init", "data"]
 
 
 def parse_summary(stdout):
@@ -368,6 +368,20 @@ def parse_summary(stdout):
         assert line[:18] == f"{key}:".ljust(18) and line[18] != " ", f"not padded to 18 columns: {line!r}"
         summary[key] = line[18:]
     return lines[start - 1], summary
+
+
+def expected_init(out, seed):
+    """The fingerprint of the weights a run with this output starts from: its model rebuilt here
+    from the `model:` and `constants:` lines, initialised from `seed`."""
+    model_line = re.search(r"^model: +DEPTH=(\d+) width=(\d+) heads=(\d+)x\d+ .* vocab=([\d,]+) ", out, re.M)
+    depth, width, heads, vocab = (int(g.replace(",", "")) for g in model_line.groups())
+    config = GPTConfig(sequence_len=int(re.search(r"MAX_SEQ_LEN=(\d+)", out).group(1)), vocab_size=vocab,
+                       n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=width, window_pattern=train.WINDOW_PATTERN)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cuda" if torch.cuda.is_available() else "cpu")  # the run's device
+    model.init_weights(seed)
+    return seeding.weights_fingerprint(model)
 
 
 @pytest.mark.slow
@@ -403,14 +417,23 @@ def test_smoke_run_end_to_end(prepared_cache):
     assert int(summary["num_steps"]) == train.SMOKE_STEPS  # steps, not seconds: the same on any machine
     assert summary["depth"] == "2" and (summary["mfu_percent"] == "0.00" or torch.cuda.is_available())
     assert float(summary["total_tokens_M"]) == pytest.approx(train.SMOKE_STEPS * 4 * 256 / 1e6, abs=0.05)
+    # what the run was compared on: the seed line and the summary agree, `data` condenses the data line,
+    # and `init` is the fingerprint of this model's weights at the default seed, before any update
+    seed_line = re.search(r"^seed: +(\d+) init=([0-9a-f]{12}) data=([0-9a-f]{12}) ", out, re.M)
+    assert seed_line and seed_line.groups() == (summary["seed"], summary["init"], summary["data"]), out[-3000:]
+    assert summary["seed"] == str(seeding.DEFAULT_SEED) and summary["init"] == expected_init(out, seeding.DEFAULT_SEED)
+    data = dict(re.findall(r"(val|tokenizer|train_shards)=(\w+)", re.search(r"^data: +(.*)$", out, re.M).group(1)))
+    assert summary["data"] == seeding.data_fingerprint({**data, "train_shards": int(data["train_shards"])})
 
 
 @pytest.mark.slow
 def test_smoke_runs_are_repeatable(prepared_cache):
-    """A fixed number of steps: two smoke runs of one commit give the same val_bpb on a CPU."""
-    env = {"AUTORESEARCH_SMOKE": "1", "AUTORESEARCH_CACHE": str(prepared_cache)}
-    values = [parse_summary(run_script(env, timeout=600).stdout)[1]["val_bpb"] for _ in range(2)]
-    assert values[0] == values[1]
+    """A fixed number of steps: two smoke runs of one commit give the same val_bpb on a CPU, from the
+    same initial weights (AUTORESEARCH_SEED=7 here, not the default)."""
+    env = {"AUTORESEARCH_SMOKE": "1", "AUTORESEARCH_CACHE": str(prepared_cache), "AUTORESEARCH_SEED": "7"}
+    runs = [parse_summary(run_script(env, timeout=600).stdout)[1] for _ in range(2)]
+    assert [run["seed"] for run in runs] == ["7", "7"] and runs[0]["init"] == runs[1]["init"]
+    assert runs[0]["val_bpb"] == runs[1]["val_bpb"]
 
 
 def test_loss_graph_gives_the_plain_mean_and_per_token_losses(sdpa_backend):
@@ -576,3 +599,4 @@ def test_a_micro_batch_that_does_not_fit_is_lowered_and_the_run_completes(tmp_pa
     assert "fitting to memory" in result.stdout
     _, summary = parse_summary(result.stdout)
     assert float(summary["total_tokens_M"]) == pytest.approx(train.SMOKE_STEPS * 4 * 256 / 1e6, abs=0.05)
+    assert summary["init"] == expected_init(result.stdout, seeding.DEFAULT_SEED), "the rebuilt model starts the same"
