@@ -673,8 +673,8 @@ def summarize_board(entries, path="board.tsv", warnings=(), repo=None):
     best = baseline
     for e in entries:
         w = workers.setdefault(e.worker, {"experiments": 0, "kept": 0, "discarded": 0, "crashed": 0, "baselines": 0,
-                                          "noise_runs": 0, "confirm_runs": 0, "own_gain": 0.0, "frontier_moves": 0, "frontier_gain": 0.0,
-                                          "adopted": 0, "adopted_from_it": 0, "best": None})
+                                          "noise_runs": 0, "confirm_runs": 0, "own_gain": 0.0, "frontier_moves": 0,
+                                          "frontier_gain": 0.0, "adopted": 0, "adopted_from_it": 0, "best": None})
         if e.status == "keep" and e.commit[:7] == first.commit[:7]:
             w["baselines"] += 1
         elif e.status in ("noise", "confirm"):
@@ -875,10 +875,9 @@ def summarize_confirm(runs, path="confirm.tsv", warnings=(), entries=None, board
     """The night's gain over the confirm file's seeds (paired per seed: the baseline and the best at one
     seed, on one data set), next to the one-seed figure the loop saw on its board (entries), if given."""
     latest, found = confirm.pairs(runs)
-    night = None
-    kept = [e for e in entries or () if e.status == "keep"]
-    if kept:
-        base, best = kept[0], min(kept, key=lambda e: e.val_bpb)
+    night, ends = None, confirm.night_ends(entries or ())
+    if ends:
+        base, best = ends["baseline"], ends["best"]
         night = {"board": str(board_path), "baseline": base.val_bpb, "best": best.val_bpb, "seed": best.seed,
                  "gain": round(base.val_bpb - best.val_bpb, 6), "best_commit": best.commit,
                  "same_commits": (base.commit[:7], best.commit[:7]) == (latest.get("baseline"), latest.get("best"))}
@@ -995,7 +994,8 @@ if __name__ == "__main__":
             data = dict(board_json(night), confirm=morning) if night and morning else board_json(night or morning)
             text = json.dumps(_json_safe(data), indent=2, allow_nan=False)
         else:
-            text = "\n\n".join(([report_board(night)] if night else []) + ([report_confirm(morning)] if morning else []))
+            parts = ([report_board(night)] if night else []) + ([report_confirm(morning)] if morning else [])
+            text = "\n\n".join(parts)
     else:
         text = json.dumps(to_json(summaries), indent=2, allow_nan=False) if args.json else report(summaries)
     if args.plot:

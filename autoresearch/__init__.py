@@ -11,7 +11,13 @@ it holds and who may import it. Nothing here imports train.py or prepare.py.
     gpu.py        the device, its bf16 peak, fitting the micro-batch to memory, evaluation on
                   the compiled training graphs
     guards.py     checks that stop a run whose edit would not take effect, or that diverged
+    ledger.py     what the harness saw during a run: the data held for the metric, the training
+                  rows and their times (the budget), the step-0 check, the one evaluation
+    live.py       before the summary: the fixed files' functions and constants in memory against
+                  their fingerprinted bytes
     report.py     the lines a run prints: identity, overhead, the summary block after `---`
+    seeding.py    the seed (AUTORESEARCH_SEED), a random stream per parameter for the initial
+                  weights (common random numbers), the init and data fingerprints
 
     paths.py      where the prepared data lives: the cache root and its folders, the shard
                   files and the two splits (list_shards)

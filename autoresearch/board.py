@@ -6,7 +6,7 @@ agent runs (through `bash spawn.sh board ...`):
 
     bash spawn.sh board                              # where the night stands (short)
     bash spawn.sh board post running "try SwiGLU"    # what I am trying now
-    bash spawn.sh board post keep 0.981200 "SwiGLU"  # a result: keep | discard | noise
+    bash spawn.sh board post keep 0.981200 "SwiGLU"  # a result: keep | discard | noise | confirm
     bash spawn.sh board post crash "SwiGLU, OOM"     # a run that gave no number
     bash spawn.sh board post adopt                   # after git reset --hard <commit>
     bash spawn.sh board show mar5                    # a person, outside a worker
@@ -70,7 +70,7 @@ DEFAULT_SEED = 42           # train.py's AUTORESEARCH_SEED when unset
 RERUN_NOISE = 0.0007        # val_bpb between two runs of the same code at one seed
 CONFIRM_FACTOR = 3          # a gain this many rerun noises wide is kept without confirming
 CONFIRM_THRESHOLD = 0.002   # CONFIRM_FACTOR * RERUN_NOISE, rounded: larger gains are kept at once
-THRESHOLD_SOURCE = "3 x the 0.0007 rerun difference measured on an H100, issue 24"
+THRESHOLD_SOURCE = f"{CONFIRM_FACTOR} x the {RERUN_NOISE} rerun difference measured on an H100, issue 24"
 MIN_PLAUSIBLE_BPB = 0.01    # no model of text gets near this: a smaller value is a slip, not a result
 MAX_PLAUSIBLE_BPB = 16.0    # twice a byte's 8 bits: no trained model is kept above it
 SHOW_DISCARDS = 8           # recent discards and crashes `show` lists
@@ -474,7 +474,8 @@ def main(argv=None, env=None, root="."):
     show = sub.add_parser("show", help="where the night stands (the default)")
     show.add_argument("tag", nargs="?", help="the night's tag (default: this worker's board)")
     show.add_argument("--json", action="store_true", help="the same as JSON")
-    post = sub.add_parser("post", help="post a row: keep|discard|noise VAL_BPB DESC, crash DESC, running DESC, adopt")
+    post = sub.add_parser("post", help="post a row: keep|discard|noise|confirm VAL_BPB DESC, crash DESC, "
+                                       "running DESC, adopt")
     post.add_argument("status", choices=STATUSES)
     post.add_argument("words", nargs="*", help="VAL_BPB and DESCRIPTION, as the status needs")
     post.add_argument("--commit", help="default: git rev-parse --short=7 HEAD")

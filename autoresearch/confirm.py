@@ -144,6 +144,13 @@ def pairs(runs):
     return latest, out
 
 
+def night_ends(entries):
+    """The board's baseline (its first keep row: the launch commit, which every worker ran first) and best
+    (its lowest keep row), as {"baseline": Entry, "best": Entry}; None without a keep row."""
+    kept = [e for e in entries if e.status == "keep"]
+    return {"baseline": kept[0], "best": min(kept, key=lambda e: e.val_bpb)} if kept else None
+
+
 def gain_stats(found):
     """mean, sample standard deviation (None for one seed), min, max and wins of the per-seed gains."""
     gains = [p["gain"] for p in found]
@@ -163,7 +170,6 @@ def gain_stats(found):
 class Plan:
     tag: str
     root: Path
-    board: Path
     file: Path
     logs: Path
     worktrees: Path
@@ -217,11 +223,9 @@ def check(root, args, env):
         raise Refusal(f"unknown tag '{tag}': no board {path.relative_to(root)} and no branch autoresearch/{tag}-gpu*")
     if launch.manifest_path(root, tag).exists():
         raise Refusal(f"the night {tag} still runs (its best may change): bash spawn.sh stop {tag} first")
-    entries, _ = board.read(path)
-    kept = [e for e in entries if e.status == "keep"]
-    if not kept:
+    night = night_ends(board.read(path)[0])
+    if night is None:
         raise Refusal(f"{path.relative_to(root)} has no kept result: nothing to confirm")
-    night = {"baseline": kept[0], "best": min(kept, key=lambda e: e.val_bpb)}
     if night["best"].commit[:7] == night["baseline"].commit[:7]:
         raise Refusal(f"the night {tag} kept nothing better than its baseline {night['baseline'].commit}: "
                       "nothing to confirm")
@@ -259,8 +263,8 @@ def check(root, args, env):
         gpus = free_gpus(root, n)
         if not gpus:
             raise Refusal(f"all {n} GPU(s) are held by running nights: stop one, or confirm --slurm")
-    return Plan(tag, root, path, file, root / "results" / f"{tag}-confirm", worktrees, commits, night, seeds, jobs,
-                slurm, gpus, run_cmd, run_args)
+    return Plan(tag, root, file, root / "results" / f"{tag}-confirm", worktrees, commits, night, seeds, jobs, slurm,
+                gpus, run_cmd, run_args)
 
 
 class Runner:
@@ -322,7 +326,7 @@ class Runner:
         summary, _ = board.summary_block(out.read_text(errors="replace"))
         note = ""
         if identity["val_bpb"] is None:
-            note = f"no val_bpb: exit {rc}" + (" (stopped)" if self.stopping.is_set() else "")
+            note = f"no val_bpb: exit {rc}"
         elif identity["seed"] != seed:
             note = (f"its summary says seed {identity['seed']}, not {seed}: train.py at {commit} ignores "
                     "AUTORESEARCH_SEED")
@@ -367,8 +371,11 @@ class Runner:
             while self.procs and time.monotonic() < deadline:
                 time.sleep(0.1)
         if self.plan.slurm:  # srun ends its job when it gets TERM; a job left over is cancelled by name
-            subprocess.run(["scancel", f"--name=autoresearch-{self.plan.tag}-confirm"], capture_output=True,
-                           timeout=30, check=False)
+            try:
+                subprocess.run(["scancel", f"--name=autoresearch-{self.plan.tag}-confirm"], capture_output=True,
+                               timeout=30, check=False)
+            except (OSError, subprocess.TimeoutExpired):
+                warn(f"cancel the jobs yourself: scancel --name=autoresearch-{self.plan.tag}-confirm")
 
     def cleanup(self):
         self.stopping.set()
@@ -392,12 +399,12 @@ def execute(plan, env):
     base, best = p.night["baseline"], p.night["best"]
     log(f"confirm {p.tag}: baseline {base.commit} ({base.val_bpb:.6f}) and best {best.commit} ({best.val_bpb:.6f}, "
         f"{best.worker}) at seeds {' '.join(map(str, p.seeds))}: {len(p.jobs)} run(s) on {where}")
-    if not p.jobs:
-        log(f"every run is in {p.file.relative_to(p.root)} already")
-        return 0
     runner, threads = Runner(p, env), []
     old = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        if not p.jobs:
+            log(f"every run is in {p.file.relative_to(p.root)} already")
+            return report(p, runner)
         p.logs.mkdir(parents=True, exist_ok=True)
         p.worktrees.mkdir(parents=True)
         jobs = list(p.jobs)
@@ -418,6 +425,12 @@ def execute(plan, env):
         runner.cleanup()
         for sig, handler in old.items():
             signal.signal(sig, handler)
+    return report(p, runner)
+
+
+def report(p, runner):
+    """The gain in one line, where the rows are, and the exit status: 1 when a run gave no number."""
+    base, best = p.night["baseline"], p.night["best"]
     rel = p.file.relative_to(p.root)
     found = gain_stats(pairs(read(p.file)[0])[1])
     if found:

@@ -52,7 +52,8 @@ class _Ledger:
     def _start_training(self):
         self.rows_per_step = None   # TOTAL_BATCH_SIZE // T, from make_dataloader: a run's loader
         self.rows = 0               # training rows handed out
-        self.step_starts = []       # (step, time its first row was handed out)
+        self.last_start = None      # (step, time its first row was handed out) of the latest step
+        self.longest = {}           # "timed"/"untimed": the longest step so far (step 0 left out)
         self.timed_start = None     # when the first row past UNTIMED_STEPS steps was handed out
         self.fresh = None           # (tensors, fingerprint) of the step-0 check's model
 
@@ -159,7 +160,10 @@ def _hand_out(n):
         raise Failed("the step-0 check did not run: call check_evaluation(...) after make_dataloader and before "
                      "step 0's training step (it checks that the weights come from the code)")
     for step in range(-(-first // R), -(-led.rows // R)):  # the steps whose first row is among these
-        led.step_starts.append((step, now))
+        if led.last_start is not None and led.last_start[0] >= 1:
+            kind = "timed" if led.last_start[0] >= UNTIMED_STEPS else "untimed"
+            led.longest[kind] = max(led.longest.get(kind, 0.0), now - led.last_start[1])
+        led.last_start = (step, now)
         if step == UNTIMED_STEPS:
             led.timed_start = now
     if SMOKE and led.rows > SMOKE_STEPS * R:
@@ -169,18 +173,9 @@ def _hand_out(n):
         _check_budget(now)
 
 
-def _longest_step():
-    """The longest time between two steps' first rows: timed steps, else untimed ones after step 0."""
-    starts = _ledger.step_starts
-    for first_step in (UNTIMED_STEPS, 1):
-        times = [t for step, t in starts if step >= first_step]
-        if len(times) > 1:
-            return max(b - a for a, b in zip(times, times[1:]))
-    return 0.0
-
-
 def _check_budget(now):
-    elapsed, step = now - _ledger.timed_start, _longest_step()
+    longest = _ledger.longest  # the longest step: a timed one, else an untimed one after step 0
+    elapsed, step = now - _ledger.timed_start, longest.get("timed", longest.get("untimed", 0.0))
     if elapsed > TIME_BUDGET + step + BUDGET_SLACK:
         raise Failed(f"training ran {elapsed:.1f} s from step {UNTIMED_STEPS}'s first row on, more than "
                      f"TIME_BUDGET={TIME_BUDGET} s plus one step ({step:.2f} s) and {BUDGET_SLACK:.1f} s of slack: "

@@ -1,15 +1,17 @@
 """
 What a run prints about itself: the identity lines before training (what a reader
 needs to trust the number), the overhead line, and the summary block after `---`, the
-last thing printed, which machines read. DO NOT MODIFY.
+last thing printed, which machines read. DO NOT MODIFY. The summary's val_bpb is the
+harness's: the one evaluation the ledger recorded, printed only after the live check.
 
-train.py and the package's attention module import it; it imports constants.py and
-nothing else of the project.
+train.py and the package's attention module import it; it imports constants.py,
+autoresearch.ledger and autoresearch.live, nothing else of the project.
 """
 
 import hashlib
 import sys
 
+from autoresearch import ledger, live
 from constants import EVAL_TOKENS, MAX_SEQ_LEN, SMOKE, TIME_BUDGET
 
 
@@ -62,10 +64,34 @@ def print_overhead(startup, fitting, warmup, step0, evaluation):
 
 def print_summary(items):
     """The block a machine reads, the last thing a run prints: `---`, then keys padded to 18 columns.
-    A smoke run says first, on the line before `---`, that its numbers are not comparable."""
+    A smoke run says first, on the line before `---`, that its numbers are not comparable.
+
+    Before it prints, what runs must be the fingerprinted files (live.check_live), and val_bpb is
+    the run's one evaluation from the ledger: an item `val_bpb` with another number, or no
+    evaluation, stops the run with one FAIL line instead (exit 1)."""
+    rules = live.check_live(ledger.data_fingerprints()["harness"])
+    items = harness_number(items, ledger.final_result(rules))
     if SMOKE:
         print("smoke run (AUTORESEARCH_SMOKE=1): tiny model, fixed steps; these numbers are not comparable")
     print("---")
     for key, value in items:
         print(f"{key + ':':<18}{value}")
     sys.stdout.flush()
+
+
+def harness_number(items, val_bpb):
+    """items with val_bpb as the harness measured it (first, if train.py left it out); an item
+    val_bpb that says another number is a FAIL."""
+    shown, items = f"{val_bpb:.6f}", list(items)
+    for i, (key, value) in enumerate(items):
+        if key != "val_bpb":
+            continue
+        try:
+            same = round(float(value), 6) == round(val_bpb, 6)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ledger.Failed(f"the summary's val_bpb ({value}) is not the evaluation's ({shown}): val_bpb is "
+                                f"what evaluate_bpb returned, printed as it is")
+        items[i] = (key, shown)
+    return items if any(key == "val_bpb" for key, _ in items) else [("val_bpb", shown), *items]

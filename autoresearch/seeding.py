@@ -4,8 +4,8 @@ a random stream per parameter for the initial weights (common random numbers), a
 the fingerprints of the initial weights and of the training data. DO NOT MODIFY.
 
 train.py imports it (main() reads the seed, GPT.init_weights draws through it, the
-identity line and the summary print the fingerprints); it imports nothing of the
-project.
+identity line and the summary print the fingerprints); it imports
+autoresearch.environment, through which every AUTORESEARCH_* variable is read.
 
 Common random numbers: each parameter draws its initial values from its own
 generator, seeded from sha256(seed, the parameter's name). Its values then depend
@@ -14,7 +14,7 @@ which order init_weights visits it: an edit that adds a block, adds a module or
 changes one tensor's init leaves every other tensor bit-identical at step 0, so the
 edit is judged against the same starting point, not a re-rolled one. The draws
 are made in float32 on the CPU and copied to the parameter's device and dtype, so
-the GPU does not change them either.
+they are the same whatever the GPU (CUDA's generators depend on the device).
 
 Not adopted: counter-based draws keyed by (seed, name, row, column), under which a
 wider tensor would extend a narrower one's values and a width edit might pair too.
@@ -23,18 +23,19 @@ tensor simply gets new values.
 """
 
 import hashlib
-import os
 import re
 
 import torch
+
+from autoresearch import environment
 
 DEFAULT_SEED = 42
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 
 
 def parse_seed(value):
-    """AUTORESEARCH_SEED's value as a seed: a whole number from 0 to 2**64 - 1; empty means
-    DEFAULT_SEED. Anything else stops with one line, since a typo must not pick another seed."""
+    """AUTORESEARCH_SEED's value as a seed: a whole number from 0 to 2**64 - 1; empty or blank
+    means DEFAULT_SEED. Anything else stops with one line, since a typo must not pick another seed."""
     text = value.strip()
     if not text:
         return DEFAULT_SEED
@@ -46,7 +47,7 @@ def parse_seed(value):
 
 def seed_from_env():
     """The run's seed: AUTORESEARCH_SEED, default 42."""
-    return parse_seed(os.environ.get("AUTORESEARCH_SEED", ""))
+    return parse_seed(environment.text("AUTORESEARCH_SEED", ""))
 
 
 def stream_seed(seed, name):

@@ -10,8 +10,8 @@ harness).
 What it reads (docs/data.md says the same for users): every form of --source
 visits each file once, never entering a symlinked folder nor taking a second
 link to a file; an unreadable folder or file is skipped and counted. Text is
-UTF-8 (a BOM dropped; UTF-16/32 only with a BOM); a file holding NUL bytes is
-no text. JSON lines end at "\n" only. No validation document is an exact copy
+UTF-8, a BOM dropped; a file holding NUL bytes (binary, UTF-16) is no text.
+JSON lines end at "\n" only. No validation document is an exact copy
 of a training document. Whatever gives no document is counted on one line that
 names the first place of each kind; a file that stops the import is named.
 
@@ -19,7 +19,6 @@ Imported by prepare.py (and its tests); it imports autoresearch.files,
 autoresearch.paths and autoresearch.download.
 """
 
-import codecs
 import collections
 import contextlib
 import fnmatch
@@ -216,13 +215,10 @@ def _passed_over(found, unused, in_cache):
 # Reasons a file or a line gives no document; each is counted, with its first place.
 UNREADABLE = "unreadable files"
 NOT_UTF8 = "files that are not valid UTF-8"
-NUL_BYTES = "files with NUL bytes (binary, or UTF-16/32 without a byte-order mark)"
+NUL_BYTES = "files with NUL bytes (binary, or UTF-16)"
 NO_TEXT = "jsonl lines without a text string"
 SURROGATE = "jsonl lines whose text holds a lone surrogate (not valid Unicode)"
 EMPTY = "empty documents"
-# A byte-order mark names the encoding (UTF-32 first: its little-endian mark starts with UTF-16's).
-BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 class _Skipped:
@@ -239,12 +235,12 @@ class _Skipped:
 
 
 def _decode(raw):
-    """(text, None), or (None, the reason it is no text). UTF-8 with its BOM dropped,
-    or UTF-16/32 when a BOM says so. Text never holds NUL: a file that does is binary,
-    or UTF-16 without a BOM (which, for ASCII text, is valid UTF-8 full of NULs)."""
-    encoding = next((codec for bom, codec in BOMS if raw.startswith(bom)), "utf-8")
+    """(text, None), or (None, the reason it is no text): UTF-8, a leading BOM dropped
+    (it is no character of the document; left in, it breaks a JSON line). Text never
+    holds NUL: a file that does is binary, or UTF-16, which for ASCII text without a
+    BOM is valid UTF-8 with a NUL after every letter."""
     try:
-        text = raw.decode(encoding)
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None, NOT_UTF8
     return (None, NUL_BYTES) if "\x00" in text else (text, None)
@@ -315,14 +311,20 @@ def _write_docs(path, docs):
 
 @contextlib.contextmanager
 def _parquet(path):
-    """A source parquet file, opened through Python, so that a name holding bytes that
-    are not UTF-8 opens too; one line when it is not parquet."""
+    """A source parquet file, opened by name; a name holding bytes that are not UTF-8
+    (pyarrow takes only UTF-8 names) through /dev/fd. One line naming the file when it
+    does not read. (Not through a Python file object: pyarrow may drop its last page
+    reader in a thread at exit, and one that must take the GIL then aborts the process.)"""
     with open(path, "rb") as f:
+        name = path if _is_unicode(path) else f"/dev/fd/{f.fileno()}"
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(name)
         except Exception as e:
             raise _refuse(f"corrupt parquet file {path} ({type(e).__name__}: {e})") from None
-        yield pf
+        try:
+            yield pf
+        except pa.ArrowException as e:  # a page that does not decode
+            raise _refuse(f"corrupt parquet file {path} ({type(e).__name__}: {e})") from None
 
 
 def _is_text_type(t):
@@ -464,8 +466,8 @@ def import_source(source, extra_extensions=()):
     if not found.files and not found.unreadable and not glob.has_magic(source) \
             and not os.path.exists(os.path.expanduser(source)):
         raise _refuse(f"--source {source}: no such file or folder")
-    in_cache = [f for f in found.files if _within(f, paths.CACHE_DIR)]  # the source holds the cache
-    files = [f for f in found.files if f not in set(in_cache)]
+    in_cache = {f for f in found.files if _within(f, paths.CACHE_DIR)}  # the source holds the cache
+    files = [f for f in found.files if f not in in_cache]
     parquet = [f for f in files if _extension(f) == ".parquet"]
     documents = [f for f in files if _extension(f) in DOCUMENT_EXTENSIONS + tuple(extra_extensions)]
     used = parquet or documents

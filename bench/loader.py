@@ -67,8 +67,9 @@ def main():
           f"{os.cpu_count()} CPU cores, {cached} of {len(prepare.list_shards(args.split))} shards in the "
           f"token cache, cache {paths.CACHE_DIR}", flush=True)
 
-    def fast():
-        return prepare.make_dataloader(tokenizer, args.B, args.T, args.split, device=device)
+    def fast():  # the training loader; for "val" its insides (make_dataloader trains on "train" only)
+        loader = prepare.make_dataloader if args.split == "train" else prepare._packed_rows
+        return loader(tokenizer, args.B, args.T, args.split, device=device)
 
     def reference():
         return on_device(reference_dataloader(tokenizer, args.B, args.T, args.split), device)

@@ -51,6 +51,31 @@ def prepared_cache(tmp_path_factory, corpus_dir):
         os.environ["AUTORESEARCH_CACHE"] = old_env
 
 
+@pytest.fixture(autouse=True)
+def fresh_ledger():
+    """Every test starts with an empty run ledger (autoresearch/ledger.py): what one test's
+    verify_data held, or its loader counted, never reaches the next."""
+    from autoresearch import ledger
+
+    ledger.reset()
+    yield
+    ledger.reset()
+
+
+@pytest.fixture
+def small_cache(tmp_path, monkeypatch):
+    """A fresh cache root for this process's prepare (and its subprocesses), with small
+    constants: rows of T=64 tokens, 8 of them scored."""
+    import prepare
+    from helpers import use_cache
+
+    root = tmp_path / "cache"
+    use_cache(monkeypatch, root)
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 8 * 64)
+    return root
+
+
 @pytest.fixture
 def sdpa_backend():
     """The CPU backend, chosen for the test and restored afterwards."""

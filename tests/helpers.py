@@ -113,6 +113,21 @@ def write_parquet(path, docs, row_group_size):
     pq.write_table(pa.table({"text": pa.array(docs, type=pa.string())}), where, row_group_size=row_group_size)
 
 
+def text_source(folder, n_docs=40, seed=5):
+    """n_docs .txt files, one document each; returns the documents in import order."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = corpus_documents(n_docs, seed=seed)
+    for i, doc in enumerate(docs):
+        (folder / f"doc_{i:03d}.txt").write_text(doc)
+    return docs
+
+
+def texts(path):
+    """The documents of a parquet file."""
+    return pq.read_table(path).column("text").to_pylist()
+
+
 def make_parquet_corpus(folder, n_train_files=3, docs_per_file=400, val_docs=300):
     """Training files with row groups of uneven sizes (128-document batches then
     restart mid-way), and a last file that becomes the validation split."""
@@ -141,6 +156,25 @@ def run_prepare(args, cache, extra_env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_edited(tmp_path, cache, edits):
+    """Copy the project's Python files (the package's too) to tmp_path, apply {file: [(old, new), ...]},
+    run a smoke train.py there (the tests of edits an agent makes)."""
+    names = ["train.py", "prepare.py", "constants.py",
+             *(path.relative_to(ROOT).as_posix() for path in sorted((ROOT / "autoresearch").glob("*.py")))]
+    assert set(edits) <= set(names), f"no such file to edit: {set(edits) - set(names)}"
+    (tmp_path / "autoresearch").mkdir()
+    for name in names:
+        text = (ROOT / name).read_text()
+        for old, new in edits.get(name, []):
+            assert old in text, f"{name} no longer contains {old!r}: update the test"
+            text = text.replace(old, new, 1)
+        (tmp_path / name).write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env.update(AUTORESEARCH_SMOKE="1", AUTORESEARCH_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "train.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
 def run_python(code, cache):
     env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True, text=True,
@@ -164,13 +198,29 @@ def use_cache(monkeypatch, root):
     paths.set_cache_root(str(root))
 
 
+SMOKE_T, SMOKE_N = 256, 32  # the validation rows prepared_cache holds (smoke constants)
+
+
+def private_cache(prepared_cache, root, monkeypatch):
+    """A private copy of the prepared cache at root, with this process's prepare pointed at it and
+    its evaluation at the smoke constants the copy holds rows for (T=256, N=32)."""
+    import prepare
+
+    shutil.copytree(prepared_cache, root)  # copy2: mtimes kept, so the token caches stay fresh
+    use_cache(monkeypatch, root)
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", SMOKE_T)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", SMOKE_N * SMOKE_T)
+    return root
+
+
 # =============================================================================
 # A tiny model
 # =============================================================================
 
 
 def tiny_model(n_layer=2, n_embd=64, n_head=2, n_kv_head=None, vocab_size=97, sequence_len=32,
-               window_pattern="SL", seed=0):
+               window_pattern="SL", seed=0, model_class=None):
+    """A GPT (or `model_class`, a subclass) on the CPU, initialised from `seed`."""
     import torch
 
     from train import GPT, GPTConfig
@@ -179,7 +229,7 @@ def tiny_model(n_layer=2, n_embd=64, n_head=2, n_kv_head=None, vocab_size=97, se
     config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                        n_kv_head=n_kv_head or n_head, n_embd=n_embd, window_pattern=window_pattern)
     with torch.device("meta"):
-        model = GPT(config)
+        model = (model_class or GPT)(config)
     model.to_empty(device="cpu")
     model.init_weights(seed)
     return model
@@ -361,13 +411,18 @@ NIGHT_PLAN = {
 }
 
 
-def start_night(sb, tag, *launch_args, **env):
-    """Commit a fake train.py into the sandbox and launch three stand-ins on it."""
+def commit_stand_in(sb):
+    """Commit the stand-in train.py (GAIN_ lines: the kept ideas) and FAKE_TRAIN as fake_train.py; the hash."""
     (sb.repo / "train.py").write_text("# stand-in train.py: each GAIN_ line is a kept idea\nBASE = 1.0\n")
     (sb.repo / "fake_train.py").write_text(FAKE_TRAIN)
     git(sb.repo, "add", "-A")
     git(sb.repo, "commit", "-qm", "stand-in train.py")
-    sb.head = git(sb.repo, "rev-parse", "HEAD")
+    return git(sb.repo, "rev-parse", "HEAD")
+
+
+def start_night(sb, tag, *launch_args, **env):
+    """Commit a fake train.py into the sandbox and launch three stand-ins on it."""
+    sb.head = commit_stand_in(sb)
     plan = sb.out / "plan.json"
     plan.write_text(json.dumps(NIGHT_PLAN))
     agent = f"{sys.executable} {REPO / 'tests' / 'stand_in.py'} {plan} {sb.out}"
@@ -383,11 +438,7 @@ def finished_night(sb, tag, ideas=(("swiglu", 0.010), ("gelu", -0.004), ("qk_nor
     """A night that ran and stopped, without agents: the stand-in train.py and fake_train.py committed on
     main (the launch commit), a commit per idea on the branch autoresearch/<tag>-gpu0 (a negative gain is
     discarded: reset), and the board's rows. Returns {"baseline": hash, "best": hash} (full hashes)."""
-    (sb.repo / "train.py").write_text("# stand-in train.py: each GAIN_ line is a kept idea\nBASE = 1.0\n")
-    (sb.repo / "fake_train.py").write_text(FAKE_TRAIN)
-    git(sb.repo, "add", "-A")
-    git(sb.repo, "commit", "-qm", "stand-in train.py")
-    commits = {"baseline": git(sb.repo, "rev-parse", "HEAD")}
+    commits = {"baseline": commit_stand_in(sb)}
     git(sb.repo, "checkout", "-q", "-b", f"autoresearch/{tag}-gpu0")
     (sb.repo / "results").mkdir(exist_ok=True)
     path = board.board_file(sb.repo, tag)

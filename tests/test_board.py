@@ -233,9 +233,36 @@ def test_run_identity_variants(tmp_path):
     log = tmp_path / "run.log"
     log.write_text("---\nval_bpb: 0.95\nseed: 43\ndata_fingerprint: abcdef012345\n")
     assert board.run_identity(log) == {"val_bpb": 0.95, "seed": 43, "data": "abcdef012345"}
+    # train.py's own: identity lines (data: val=..., seed: ... init=... data=...), then the summary's seed:,
+    # init: and data: (12 hex digits). The summary's data wins; without it, the identity line gives the same.
+    identity = ("data:        val=5f0c2a9e tokenizer=1b7d3c4e train_shards=9a8b7c6d harness=0a1b2c3d4e5f (14 files)\n"
+                "seed:        43 init=0123456789ab data=bc4697856eaf (equal seed and data: paired runs)\n")
+    log.write_text(identity + "---\nval_bpb:          0.950000\nseed:             43\n"
+                              "init:             0123456789ab\ndata:             bc4697856eaf\n")
+    assert board.run_identity(log) == {"val_bpb": 0.95, "seed": 43, "data": "bc4697856eaf"}
+    log.write_text(identity + "---\nval_bpb:          0.950000\n")
+    assert board.run_identity(log) == {"val_bpb": 0.95, "seed": None, "data": "bc4697856eaf"}
     log.write_text("step 1\rstep 2\r\n---\nval_bpb: 0.95\n")
     assert board.run_identity(log) == {"val_bpb": 0.95, "seed": None, "data": None}
     assert board.run_identity(tmp_path / "missing.log") == {"val_bpb": None, "seed": None, "data": None}
+
+
+def test_identity_line_fingerprint_is_train_pys():
+    """A log with only the identity line (an older train.py) gets the fingerprint train.py prints: the
+    same runs pair up on the board whichever train.py wrote their logs."""
+    from autoresearch import seeding  # train.py's: imports torch
+    fingerprints = {"val": "5f0c2a9e", "tokenizer": "1b7d3c4e", "train_shards": "9a8b7c6d", "harness": {"a.py": "1"}}
+    assert board.data_fingerprint("val=5f0c2a9e tokenizer=1b7d3c4e train_shards=9a8b7c6d harness=x (1 files)") \
+        == seeding.data_fingerprint(fingerprints) == "bc4697856eaf"
+
+
+def test_post_confirm_takes_the_seed_from_run_log(sb):
+    (sb.repo / "run.log").write_text(RUN_LOG.replace("seed:             7", "seed:             43"))
+    r = spawn_board(sb, "post", "confirm", "0.981200", "swiglu at seed 43")
+    assert r.returncode == 0, r.stderr
+    (e,) = board.read(sb.board)[0]
+    assert (e.status, e.seed, e.val_bpb) == ("confirm", 43, 0.9812)
+    assert "adopt:" not in spawn_board(sb).stdout   # a confirm row is no keep: nothing to adopt
 
 
 # =============================================================================
@@ -246,7 +273,7 @@ def test_a_night_of_stand_ins(tmp_path, request):
     sb = make_sandbox(tmp_path, request)
     try:
         start_night(sb, "n1")
-        check_night(sb, "n1")
+        night = check_night(sb, "n1")
         # Each worker's pane has its name and the board in its environment; the board outlives stop.
         r = sb.spawn("stop", "n1")
         assert r.returncode == 0, r.stderr
@@ -258,5 +285,13 @@ def test_a_night_of_stand_ins(tmp_path, request):
                                "frontier.png"], cwd=sb.repo, capture_output=True, text=True, timeout=120)
         assert text.returncode == 0, text.stderr
         assert "chain of kept edits that led to it" in text.stdout and (sb.repo / "frontier.png").is_file()
+        # The morning: the night's baseline and best at two new seeds, then the gain to quote.
+        r = sb.spawn("confirm", "n1", "2", CONFIRM_RUN_CMD="python3 fake_train.py")
+        assert r.returncode == 0, r.stdout + r.stderr
+        text = subprocess.run([sys.executable, str(REPO / "analysis.py"), "results/n1-confirm.tsv", "--json"],
+                              cwd=sb.repo, capture_output=True, text=True, timeout=120)
+        morning = json.loads(text.stdout)
+        assert morning["best_commit"] == night["best"]["commit"] and morning["gain"]["seeds"] == 2
+        assert morning["gain"]["mean"] == pytest.approx(night["improvement"], abs=0.0005)
     finally:
         sb.close()

@@ -21,12 +21,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ROOT, assert_clean_failure, corpus_documents, run_python, use_cache, write_parquet
+from helpers import (ROOT, SMOKE_N, SMOKE_T, assert_clean_failure, corpus_documents, private_cache, run_python,
+                     write_parquet)
 
 import prepare
-from autoresearch import files, manifest, paths, tokencache
+from autoresearch import files, ledger, manifest, paths, tokencache
 
-T, N = 256, 32  # the validation rows prepared_cache holds (smoke constants)
+T, N = SMOKE_T, SMOKE_N  # the validation rows prepared_cache holds (smoke constants)
 
 # =============================================================================
 # Fixtures and helpers
@@ -36,12 +37,7 @@ T, N = 256, 32  # the validation rows prepared_cache holds (smoke constants)
 @pytest.fixture
 def cache(prepared_cache, tmp_path, monkeypatch):
     """A private copy of the prepared cache, with prepare pointed at it."""
-    root = tmp_path / "cache"
-    shutil.copytree(prepared_cache, root)  # copy2: mtimes kept, so the token caches stay fresh
-    use_cache(monkeypatch, root)
-    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", T)
-    monkeypatch.setattr(prepare, "EVAL_TOKENS", N * T)
-    return root
+    return private_cache(prepared_cache, tmp_path / "cache", monkeypatch)
 
 
 @pytest.fixture
@@ -205,6 +201,8 @@ def test_overwritten_val_rows_are_caught_and_healed(cache, tok, capsys):
     assert f"val_rows_T{T}_N{N}.npy differs from the sha256 recorded; rebuilding them" in healed(capsys)
     assert np.array_equal(np.load(path), original)
     forge()
+    assert prepare.evaluate_bpb(model, tok, 8) == expected, "the rows verify_data checked, held in memory"
+    ledger.reset()  # nothing held (no verify_data): the metric reads the cache
     assert prepare.evaluate_bpb(model, tok, 8) == expected, "the metric packs the true rows, never the forged ones"
     assert np.array_equal(np.load(path), original)
 
@@ -385,33 +383,41 @@ def failed(call, *needles):
     return message
 
 
+@pytest.fixture
+def middle_choices(monkeypatch):
+    """The evaluation's random choices (the checked batch, row and position) pinned to the middle of
+    their ranges, so a test knows them; tests/test_guards.py tests that they are random."""
+    monkeypatch.setattr(ledger, "choose", lambda n: n // 2)
+
+
 @pytest.mark.parametrize("mask", ["none", "next"])
-def test_a_model_that_sees_the_future_fails_the_causality_check(cache, tok, mask):
+def test_a_model_that_sees_the_future_fails_the_causality_check(cache, tok, mask, middle_choices):
     model = TinyAttention(tok.get_vocab_size(), mask)
-    failed(lambda: prepare.check_evaluation(model, tok, 4), "FAIL: the model is not causal", f"position {T // 2}")
+    failed(lambda: prepare.check_evaluation(model, tok, 4), "FAIL: the model is not causal",
+           f"position {(T - 1) // 2}")
     assert model.shapes == [(4, T)] * 2, "the check is one extra batch of the same shape"
     failed(lambda: prepare.evaluate_bpb(model, tok, 4), "not causal")
 
 
-def test_a_causal_model_passes_and_its_result_is_unchanged(cache, tok):
+def test_a_causal_model_passes_and_its_result_is_unchanged(cache, tok, middle_choices):
     model = TinyAttention(tok.get_vocab_size(), "causal")
-    first = prepare.check_evaluation(model, tok, 4)
-    assert model.shapes == [(4, T)] * 2
+    first = prepare.check_evaluation(model, tok, 4)  # the batch in the middle: rows 16..19
+    assert model.shapes == [(4, T)] * 3, "the checked batch, later tokens changed, targets changed"
     model.shapes = []
     bpb = prepare.evaluate_bpb(model, tok, 4)
-    assert model.shapes == [(4, T)] * (N // 4 + 1)
+    assert model.shapes == [(4, T)] * (N // 4 + 3), "and the checked batch scored again at the end"
     rows = torch.from_numpy(np.asarray(prepare.val_rows(tok, T, N), dtype=np.int64))
     token_bytes = prepare.get_token_bytes()
     with torch.no_grad():
         nats = model(rows[:, :-1], rows[:, 1:], reduction="none").double()
     nbytes = token_bytes[rows[:, 1:]].reshape(-1)
     assert bpb == pytest.approx(float(nats[nbytes > 0].sum()) / (np.log(2) * float(nbytes.sum())), rel=1e-6)
-    nats4 = nats.view(N, T)[:4].reshape(-1)
-    nbytes4 = token_bytes[rows[:4, 1:]].reshape(-1)
+    nats4 = nats.view(N, T)[16:20].reshape(-1)
+    nbytes4 = token_bytes[rows[16:20, 1:]].reshape(-1)
     assert first == pytest.approx(float(nats4[nbytes4 > 0].sum()) / (np.log(2) * float(nbytes4.sum())), rel=1e-6)
 
 
-def test_bf16_noise_does_not_trip_the_causality_check(cache, tok):
+def test_bf16_noise_does_not_trip_the_causality_check(cache, tok, middle_choices):
     torch.manual_seed(0)
     model = BF16Noise(tok.get_vocab_size(), "causal")
     first = prepare.check_evaluation(model, tok, 4)
@@ -433,7 +439,7 @@ def test_every_batch_is_full_and_the_padding_is_dropped(cache, tok, batch_size):
     assert set(model.shapes) == {(batch_size, T)}, model.shapes
 
 
-def test_losses_that_carry_gradients_are_detached_here(cache, tok):
+def test_losses_that_carry_gradients_are_detached_here(cache, tok, middle_choices):
     class WithGrad(torch.nn.Module):
         """A caller's wrapper that runs the model with autograd on (its training graph)."""
 

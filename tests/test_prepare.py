@@ -161,6 +161,13 @@ def test_token_cache_is_ignored_when_the_shard_changes(tok, prepared_cache, tmp_
 # =============================================================================
 
 
+def packed_rows(tok, B, T, split):
+    """The training loader, or for "val" its uncounted insides (make_dataloader refuses "val")."""
+    if split == "train":
+        return prepare.make_dataloader(tok, B, T, split, device="cpu")
+    return prepare._packed_rows(tok, B, T, split, device="cpu")
+
+
 def take_until(loader, n_tokens, min_epoch):
     batches, seen = [], 0
     while seen < n_tokens or batches[-1][2] < min_epoch:
@@ -174,7 +181,7 @@ def take_until(loader, n_tokens, min_epoch):
 def test_loader_matches_reference_row_for_row(tok, split, B, T):
     """Several epochs of the fast loader equal the published algorithm's rows."""
     total = split_tokens(tok, split)
-    fast = prepare.make_dataloader(tok, B, T, split, device="cpu")
+    fast = packed_rows(tok, B, T, split)
     ref = reference_dataloader(tok, B, T, split)
     batches = take_until(fast, 3 * total, min_epoch=4)
     epochs = set()
@@ -204,7 +211,7 @@ def test_loader_invariants(tok, split):
     bos = tok.get_bos_token_id()
     docs = set(cached_documents(tok, split))
     prefixes = {d[:k] for d in docs for k in range(1, len(d) + 1)}
-    loader = prepare.make_dataloader(tok, B, T, split, device="cpu")
+    loader = packed_rows(tok, B, T, split)
     crops = 0
     for _ in range(80):
         x, y, epoch = next(loader)
@@ -353,8 +360,9 @@ def test_evaluate_bpb_equals_hand_computation(tok, small_eval):
     for batch_size in (3, 10, 64):
         model.shapes = []
         results[batch_size] = prepare.evaluate_bpb(model, tok, batch_size)
-        # Full batches only (the last one padded), plus one for the causality check.
-        assert model.shapes == [(batch_size, T)] * (-(-N // batch_size) + 1), (batch_size, model.shapes)
+        # Full batches only (the last one padded), plus three for the checks (later tokens changed,
+        # targets changed, the checked batch scored again).
+        assert model.shapes == [(batch_size, T)] * (-(-N // batch_size) + 3), (batch_size, model.shapes)
     for batch_size, bpb in results.items():
         assert bpb == pytest.approx(expected, rel=1e-6), batch_size
     assert results[3] == pytest.approx(results[10], rel=1e-12)
@@ -372,7 +380,7 @@ def test_evaluate_bpb_cached_equals_uncached(tok, small_eval):
     assert np.array_equal(np.load(path), prepare.build_val_rows(tok, T, N))
     # The rows prepare cached (smoke constants) are the validation loader's first rows.
     smoke = prepare.val_rows(tok, 256, 32, save=False)
-    x, y, _ = next(prepare.make_dataloader(tok, 32, 256, "val", device="cpu"))
+    x, y, _ = next(prepare._packed_rows(tok, 32, 256, "val", device="cpu"))
     assert np.array_equal(smoke[:, :-1], x.numpy()) and np.array_equal(smoke[:, 1:], y.numpy())
 
 

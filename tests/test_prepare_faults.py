@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ROOT, corpus_documents, run_prepare, write_parquet
+from helpers import ROOT, corpus_documents, run_prepare, text_source, texts, write_parquet
 
 import prepare
 from autoresearch import download, files, paths, tokencache
@@ -39,29 +39,9 @@ from autoresearch.source import import_source, text_extensions
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A fresh cache root for the in-process prepare module, with small constants."""
-    root = tmp_path / "cache"
-    for name in ("CACHE_DIR", "DATA_DIR", "TOKENIZER_DIR", "TOKENS_DIR"):
-        monkeypatch.setattr(paths, name, getattr(paths, name))
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(root))
-    paths.set_cache_root(str(root))
-    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 64)
-    monkeypatch.setattr(prepare, "EVAL_TOKENS", 8 * 64)
-    return root
-
-
-def text_source(folder, n_docs=40, seed=5):
-    """n_docs .txt files, one document each; returns the documents in import order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    docs = corpus_documents(n_docs, seed=seed)
-    for i, doc in enumerate(docs):
-        (folder / f"doc_{i:03d}.txt").write_text(doc)
-    return docs
-
-
-def texts(path):
-    return pq.read_table(path).column("text").to_pylist()
+def cache(small_cache):
+    """A fresh cache root for the in-process prepare module, with small constants (conftest.py)."""
+    return small_cache
 
 
 def temporaries(root):

@@ -19,19 +19,9 @@ import torch.nn as nn
 
 from autoresearch import seeding
 from helpers import assert_clean_failure, tiny_model
-from train import GPT, GPTConfig
+from train import GPT
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def build(model_class=GPT, seed=0, n_layer=2, n_embd=64):
-    config = GPTConfig(sequence_len=32, vocab_size=97, n_layer=n_layer, n_head=2, n_kv_head=2, n_embd=n_embd,
-                       window_pattern="SL")
-    with torch.device("meta"):
-        model = model_class(config)
-    model.to_empty(device="cpu")
-    model.init_weights(seed)
-    return model
 
 
 def params(model):
@@ -59,21 +49,21 @@ DRAWN = ["transformer.wte.weight", "lm_head.weight", "transformer.h.0.attn.c_q.w
 
 
 def test_the_same_seed_gives_the_same_init_every_time():
-    a, b = build(seed=42), build(seed=42)
+    a, b = tiny_model(seed=42), tiny_model(seed=42)
     assert_shared_identical(a, b, [name for name, _ in a.named_parameters()])
     assert seeding.weights_fingerprint(a) == seeding.weights_fingerprint(b)
 
 
 def test_two_seeds_give_different_inits():
-    a, b = params(build(seed=42)), params(build(seed=43))
+    a, b = params(tiny_model(seed=42)), params(tiny_model(seed=43))
     for name in DRAWN:
         assert not torch.equal(a[name], b[name]), f"{name} is the same under seeds 42 and 43"
-    assert seeding.weights_fingerprint(build(seed=42)) != seeding.weights_fingerprint(build(seed=43))
+    assert seeding.weights_fingerprint(tiny_model(seed=42)) != seeding.weights_fingerprint(tiny_model(seed=43))
 
 
 def test_the_init_is_the_published_distribution():
     """The draws keep init_weights' scales: N(0, 1) embeddings, U(-s, s) matrices, zero projections."""
-    model = build(n_embd=128)
+    model = tiny_model(n_embd=128)
     s = 3**0.5 * 128**-0.5
     wte = model.transformer.wte.weight
     assert abs(wte.std().item() - 1.0) < 0.05 and abs(model.lm_head.weight.std().item() - 0.001) < 0.0001
@@ -87,7 +77,7 @@ def test_the_init_is_the_published_distribution():
 def test_adding_blocks_leaves_the_other_parameters_as_they_were():
     """DEPTH 2 -> 4 (value embeddings stay on the odd layers): blocks 0-1, the embeddings, lm_head
     and value embedding 1 start where they did; only the new parameters are new."""
-    shared = assert_shared_identical(build(n_layer=2), build(n_layer=4), DRAWN)
+    shared = assert_shared_identical(tiny_model(n_layer=2), tiny_model(n_layer=4), DRAWN)
     assert "transformer.h.3.attn.c_q.weight" not in shared
 
 
@@ -105,9 +95,9 @@ class GPTWithExtra(GPT):
 
 
 def test_adding_a_module_leaves_the_other_parameters_as_they_were():
-    edited = build(GPTWithExtra)
+    edited = tiny_model(model_class=GPTWithExtra)
     assert edited.extra.weight.std() > 0.01, "the new module was drawn"
-    assert_shared_identical(build(), edited, [name for name, _ in build().named_parameters()])
+    assert_shared_identical(tiny_model(), edited, [name for name, _ in tiny_model().named_parameters()])
 
 
 @pytest.mark.parametrize("edit", ["normal", "zeros"])
@@ -121,36 +111,32 @@ def test_changing_one_tensors_init_leaves_the_others_as_they_were(monkeypatch, e
                 return super().__call__(param, init_fn, *args, **kwargs)
             return super().__call__(param, nn.init.normal_, std=0.02) if edit == "normal" else param.zero_()
 
-    before = params(build())
+    before = params(tiny_model())
     monkeypatch.setattr(seeding, "ParameterDraws", EditedDraws)
-    after = params(build())
+    after = params(tiny_model())
     assert not torch.equal(before[target], after[target]), "the edit took effect"
     for name in before:
         assert name == target or torch.equal(before[name], after[name]), f"{name} changed with {target}'s init"
 
 
 def test_the_global_random_stream_does_not_change_the_init():
-    """The init draws only from its own streams: whatever ran before it does not matter."""
-    torch.manual_seed(0)
-    a = build()
-    torch.manual_seed(1)
+    """The init draws only from its own streams: what ran before it does not matter."""
+    model = tiny_model()
+    fingerprint = seeding.weights_fingerprint(model)
     torch.rand(1000)
-    assert seeding.weights_fingerprint(a) == seeding.weights_fingerprint(build())
-
-
-def test_tiny_model_passes_its_seed_to_the_init():
-    assert seeding.weights_fingerprint(tiny_model(seed=3)) == seeding.weights_fingerprint(build(seed=3))
+    model.init_weights(0)
+    assert seeding.weights_fingerprint(model) == fingerprint
 
 
 def test_a_draw_on_a_tensor_outside_the_model_names_the_problem():
-    model = build()
+    model = tiny_model()
     with pytest.raises(AssertionError, match="not a parameter of the model"):
         seeding.ParameterDraws(model, 0)(torch.empty(3, 4), nn.init.normal_)
 
 
 def test_draws_keep_the_parameter_dtype():
     """A bf16 parameter (the embeddings on CUDA) gets the float32 draws, rounded."""
-    model = build()
+    model = tiny_model()
     model.lm_head.to(dtype=torch.bfloat16)
     seeding.ParameterDraws(model, 0)(model.lm_head.weight, nn.init.normal_)
     assert model.lm_head.weight.dtype == torch.bfloat16
@@ -164,7 +150,7 @@ def test_draws_keep_the_parameter_dtype():
 
 
 def test_the_weights_fingerprint_sees_one_changed_value():
-    model = build()
+    model = tiny_model()
     fingerprint = seeding.weights_fingerprint(model)
     assert len(fingerprint) == 12 and int(fingerprint, 16) >= 0
     with torch.no_grad():

@@ -14,8 +14,6 @@ slurmctld, slurmd, slurm-client and munge (.ci/run installs them): without
 them these tests fail, they do not skip.
 """
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -49,8 +47,9 @@ case "$mode" in
         rc=$?
         val=$(grep '^val_bpb:' run.log | awk '{print $2}')
         mem=$(grep '^peak_vram_mb:' run.log | awk '{printf "%.1f", $2 / 1024}')
-        printf 'commit\tval_bpb\tmemory_gb\tstatus\tdescription\n' > results.tsv
-        printf '%s\t%s\t%s\tkeep\tbaseline\n' "$(git rev-parse --short HEAD)" "$val" "$mem" >> results.tsv
+        seed=$(grep '^seed:' run.log | tail -n 1 | awk '{print $2}')   # the summary's, after the identity line
+        printf 'commit\tval_bpb\tmemory_gb\tstatus\tseed\tdescription\n' > results.tsv
+        printf '%s\t%s\t%s\tkeep\t%s\tbaseline\n' "$(git rev-parse --short HEAD)" "$val" "$mem" "$seed" >> results.tsv
         printf '%s\n' "$rc" > "$out/$w.done"
         ;;
     sleep)
@@ -167,9 +166,9 @@ def test_smoke_training_run_through_slurm(tmp_path, request, cluster, prepared_c
         assert sb.spawn("stop", "s3").returncode == 0
         rows = (sb.repo / "results" / "s3-gpu0.tsv").read_text().splitlines()
         assert len(rows) == 2, rows
-        commit, val_bpb, memory_gb, status, description = rows[1].split("\t")
+        commit, val_bpb, memory_gb, status, seed, description = rows[1].split("\t")
         assert commit == git(sb.repo, "rev-parse", "--short", "autoresearch/s3-gpu0")
-        assert 0 < float(val_bpb) < 20 and float(memory_gb) >= 0 and status == "keep"
+        assert 0 < float(val_bpb) < 20 and float(memory_gb) >= 0 and status == "keep" and seed == "42"
     finally:
         sb.close()
 
@@ -210,7 +209,8 @@ def test_confirm_under_slurm(tmp_path, request, cluster):
         assert r.returncode == 0, r.stdout + r.stderr + cluster.log_tail()
         lines = (sb.repo / "results" / "s6-confirm.tsv").read_text().splitlines()[1:]
         got = sorted((f[1], f[2], f[3], f[7]) for f in (line.split("\t") for line in lines))
-        assert got == sorted((role, commits[role][:7], str(s), "slurm") for role in ("baseline", "best") for s in (1, 2))
+        roles = ("baseline", "best")
+        assert got == sorted((role, commits[role][:7], str(s), "slurm") for role in roles for s in (1, 2))
         for role in ("baseline", "best"):
             for s in (1, 2):
                 log = (sb.repo / "results" / "s6-confirm" / f"{commits[role][:7]}-seed{s}.log").read_text()

@@ -26,7 +26,7 @@ import train
 from autoresearch import attention, seeding
 from train import GPT, GPTConfig, MuonAdamW
 
-from helpers import tiny_model
+from helpers import run_edited, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -431,7 +431,9 @@ def test_smoke_runs_are_repeatable(prepared_cache):
     """A fixed number of steps: two smoke runs of one commit give the same val_bpb on a CPU, from the
     same initial weights (AUTORESEARCH_SEED=7 here, not the default)."""
     env = {"AUTORESEARCH_SMOKE": "1", "AUTORESEARCH_CACHE": str(prepared_cache), "AUTORESEARCH_SEED": "7"}
-    runs = [parse_summary(run_script(env, timeout=600).stdout)[1] for _ in range(2)]
+    results = [run_script(env, timeout=600) for _ in range(2)]
+    assert all(r.returncode == 0 for r in results), [r.stderr[-2000:] for r in results]
+    runs = [parse_summary(r.stdout)[1] for r in results]
     assert [run["seed"] for run in runs] == ["7", "7"] and runs[0]["init"] == runs[1]["init"]
     assert runs[0]["val_bpb"] == runs[1]["val_bpb"]
 
@@ -516,25 +518,6 @@ def test_an_optimizer_edit_with_a_step_dependent_branch_takes_effect(sdpa_backen
 # =============================================================================
 # Edits an agent makes, run end to end in smoke mode: each stops the run with its line, or works
 # =============================================================================
-
-def run_edited(tmp_path, cache, edits):
-    """Copy the project's Python files (the package's too) to tmp_path, apply {file: [(old, new), ...]},
-    run a smoke train.py."""
-    names = ["train.py", "prepare.py", "constants.py",
-             *(path.relative_to(REPO).as_posix() for path in sorted((REPO / "autoresearch").glob("*.py")))]
-    assert set(edits) <= set(names), f"no such file to edit: {set(edits) - set(names)}"
-    (tmp_path / "autoresearch").mkdir()
-    for name in names:
-        text = (REPO / name).read_text()
-        for old, new in edits.get(name, []):
-            assert old in text, f"{name} no longer contains {old!r}: update the test"
-            text = text.replace(old, new, 1)
-        (tmp_path / name).write_text(text)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
-    env.update(AUTORESEARCH_SMOKE="1", AUTORESEARCH_CACHE=str(cache), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "train.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-
 
 def first_timed_step(stdout):
     return f"step {train.UNTIMED_STEPS:05d}" in stdout
