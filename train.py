@@ -670,5 +670,5 @@ def main():
 
 
 if __name__ == "__main__":
-    with gpu.out_of_memory_exit():  # out of memory or Ctrl-C: one FAIL line, not a traceback
+    with gpu.out_of_memory_exit():  # memory full or Ctrl-C: one FAIL line, not a traceback
         main()

@@ -19,16 +19,23 @@ it holds and who may import it. Nothing here imports train.py or prepare.py.
     seeding.py    the seed (AUTORESEARCH_SEED), a random stream per parameter for the initial
                   weights (common random numbers), the init and data fingerprints
 
+    environment.py
+                  the AUTORESEARCH_* switches, all read by one rule (empty is unset, yes/no words)
+
+    command_line.py
+                  prepare.py's flags and their checks (parsed before torch loads)
     paths.py      where the prepared data lives: the cache root and its folders, the shard
                   files and the two splits (list_shards)
     files.py      file safety: writes through exclusive temporaries renamed into place, a full
                   disk in one line, json / sha256 / parquet reading, the cache lock; PrepareError
     download.py   fetching the data shards: parallel, retried with back-off, footers checked
-    source.py     the --source import of local data, and the choice between it and the download
+    source.py     the --source import of local data (each file once, odd input named or counted,
+                  no document in both splits), and the choice between it and the download
     tokenizer_training.py
                   training the BPE tokenizer (rustbpe) and keeping tokenizer.pkl, token_bytes.pt
                   and their manifest
-    tokencache.py the token cache, the stored validation rows and the validation split's size check
+    tokencache.py the token cache, the stored validation rows, the validation split's size check,
+                  and the training shards past the cache, read through once and known by stamp
     prefetch.py   the loader's background thread: pinned buffers, copies to the device
     manifest.py   the cache manifest: fingerprints of the data, the tokenizer and every fixed file,
                   and the checks verify_data runs

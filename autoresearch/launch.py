@@ -15,8 +15,8 @@ runs this file:
 What it holds, top to bottom: the settings and their checks; the repository,
 git and tmux; the workers and their agents; the manifest (worktrees/
 .launch-<tag>.json, what launch made, so that stop can undo it); launch;
-the watcher; stop; status. Stdlib only; imports autoresearch.board and
-.environment, and autoresearch.confirm when asked to confirm. Nothing here is run at import.
+the watcher; stop; status. Stdlib only; imports autoresearch.board, and
+autoresearch.confirm when asked to confirm. Nothing here is run at import.
 """
 
 import json
@@ -34,7 +34,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file by spawn.sh: the repository root is the package's parent
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
-from autoresearch import board, environment  # noqa: E402
+from autoresearch import board  # noqa: E402
 
 MAX_TAG = 64              # a tag names branches, a tmux session, files and Slurm jobs
 MAX_INDEX_DIGITS = 4      # worker and GPU indices up to 9999
@@ -108,12 +108,12 @@ class Settings:
             raise Refusal("NUDGE_MESSAGE is empty: the watcher would type nothing into an idle pane")
         if not env.get("AGENT_PROMPT", "").strip():
             raise Refusal("AGENT_PROMPT is empty: the agents would start without being told what to do")
-        cache = environment.text("AUTORESEARCH_CACHE", "", env)  # blank is unset, as for every run
+        cache = env.get("AUTORESEARCH_CACHE", "")
         if cache and not os.path.isabs(cache):
             raise Refusal(f"AUTORESEARCH_CACHE={cache!r} is relative: each worker would resolve it inside its own "
                           f"worktree; give an absolute path, e.g. {os.path.abspath(os.path.expanduser(cache))}")
         return cls(env.get("CLAUDE_MODEL", ""), env.get("CLAUDE_FLAGS", "").split(), env.get("CODEX_FLAGS", "").split(),
-                   environment.text("AUTORESEARCH_AGENT_CMD", "", env), env["AGENT_PROMPT"], env.get("SLURM_RUN_ARGS", ""),
+                   env.get("AUTORESEARCH_AGENT_CMD", ""), env["AGENT_PROMPT"], env.get("SLURM_RUN_ARGS", ""),
                    seconds(env, "WATCH_INTERVAL", 1), env["NUDGE_MESSAGE"], regex, int(lines),
                    env.get("TMUX_SOCKET", ""))
 

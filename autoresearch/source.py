@@ -11,12 +11,12 @@ What it reads (docs/data.md says the same for users): every form of --source
 visits each file once, never entering a symlinked folder nor taking a second
 link to a file; an unreadable folder or file is skipped and counted. Text is
 UTF-8, a BOM dropped; a file holding NUL bytes (binary, UTF-16) is no text.
-JSON lines end at "\n" only. No validation document is an exact copy
-of a training document. Whatever gives no document is counted on one line that
+JSON lines end at "\n" only. No validation document is an exact copy of a
+training document. Whatever gives no document is counted on one line that
 names the first place of each kind; a file that stops the import is named.
 
-Imported by prepare.py (and its tests); it imports autoresearch.files,
-autoresearch.paths and autoresearch.download.
+Imported by prepare.py (and its tests) and autoresearch.command_line; it
+imports autoresearch.files, autoresearch.paths and autoresearch.download.
 """
 
 import collections

@@ -1,10 +1,12 @@
 """
 The token cache: every cached shard tokenized once, at prepare time, and the
 stored validation rows behind val_bpb. It holds how both are written, checked
-(structure on every load, sha256 when asked) and read back, the check that
-the validation split is large enough, and the in-memory replay of a split too
-small for the packer's buffer; what goes into them (the tokenizer, the
-packing) is prepare.py's. DO NOT MODIFY (fixed harness).
+(structure on every load, sha256 when asked) and read back, the checks that
+the validation split is large enough (by bytes before a tokenizer exists, by
+tokens after), the training shards past the cache's span (read through once,
+then known by size and mtime), and the in-memory replay of a split too small
+for the packer's buffer; what goes into them (the tokenizer, the packing) is
+prepare.py's. DO NOT MODIFY (fixed harness).
 
 Per shard, under tokens/<tokenizer id>/ (the id is a hash of tokenizer.pkl, so a
 new tokenizer never reads old tokens):

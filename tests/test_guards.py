@@ -247,7 +247,7 @@ class Table(torch.nn.Module):
 
 
 def frequencies(y, vocab, smoothing=0.0):
-    return (torch.bincount(y.reshape(-1), minlength=vocab).double() + smoothing).log_softmax(0)[None]
+    return (torch.bincount(y.reshape(-1), minlength=vocab).double() + smoothing).log().log_softmax(0)[None]
 
 
 def bigram(x, y, vocab):
@@ -266,7 +266,7 @@ class ReadsTargets(Table):
 
     def logits(self, x, y):
         seen = y if self.where == "same" else torch.cat([x[:, :1], y[:, :-1]], dim=1)
-        return super().logits(x, y) + 8 * F.one_hot(seen, self.table.shape[1])
+        return super().logits(x, y) + 12 * F.one_hot(seen, self.table.shape[1])
 
 
 class LeaksExceptOnOneBatch(Table):
@@ -317,8 +317,7 @@ def middle(monkeypatch):
 
 
 def test_a_model_that_reads_its_targets_fails(tok, middle):
-    x, y = val_targets(tok)
-    table = bigram(x, y, tok.get_vocab_size())
+    table = frequencies(val_targets(tok)[1], tok.get_vocab_size(), 1.0)
     prepare.check_evaluation(Table(table), tok, 4)  # the honest model passes
     caught(lambda: prepare.check_evaluation(ReadsTargets(table, "same"), tok, 4), "the model reads its targets: at "
            "position", "more than 1")

@@ -16,7 +16,6 @@ verify_data. CPU only, temporary cache roots.
 import codecs
 import json
 import os
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -268,6 +267,6 @@ def test_training_shards_past_the_token_cache_are_read_through_and_checked(tmp_p
     data[4:204] = b"\xff" * 200  # the first page's header: it no longer decodes, the footer still reads
     open(shard, "wb").write(data)
     refuses(prepare.verify_data, f"training shard {shard} is new or changed since prepare.py read it through")
-    refuses(lambda: prepare.prepare(), f"training shard {shard} does not read", f"then import again")
+    refuses(lambda: prepare.prepare(), f"training shard {shard} does not read", "then import again")
     pf = files.open_parquet(shard)  # what the loader reads during training: one line, not a traceback
     refuses(lambda: files.read_texts(pf, 0), f"corrupt parquet file {shard}, row group 0")

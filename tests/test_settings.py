@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from helpers import ROOT, run_edited, tiny_model
 
@@ -138,7 +137,8 @@ def test_prepare_help_answers_before_torch_loads():
     for args in (["--help"], ["--num-shards", "many"]):
         result = subprocess.run([sys.executable, "-X", "importtime", "prepare.py", *args], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
-        imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+        imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")]
         assert "torch" not in imported, args
     assert result.returncode == 1 and "invalid int value: 'many'" in result.stderr
 
