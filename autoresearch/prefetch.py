@@ -11,6 +11,7 @@ Imported by prepare.py (make_dataloader) and its tests; it imports nothing of
 the project.
 """
 
+import atexit
 import queue
 import threading
 
@@ -18,6 +19,18 @@ import numpy as np
 import torch
 
 LOADER_POOL = 4                       # packed batches ready ahead of the consumer
+_workers = []                         # (stop event, thread) of the loaders' threads still running
+
+
+@atexit.register
+def _stop_workers():
+    """At exit, a FAIL line mid-run included: stop every loader thread and wait for it
+    (a second at most), so that none is still packing while the interpreter shuts down:
+    a daemon thread caught by the shutdown can abort the process (exit -6, not 1)."""
+    for stop, _ in _workers:
+        stop.set()
+    for _, thread in _workers:
+        thread.join(timeout=1.0)
 
 
 def prefetch(fill, B, T, device):
@@ -44,7 +57,9 @@ def prefetch(fill, B, T, device):
         except BaseException as e:  # handed to the consumer, raised there
             ready.put((None, e))
 
-    threading.Thread(target=worker, name="dataloader", daemon=True).start()
+    thread = threading.Thread(target=worker, name="dataloader", daemon=True)
+    _workers[:] = [(s, t) for s, t in _workers if t.is_alive()] + [(stop, thread)]
+    thread.start()
     try:
         while True:
             i, epoch = ready.get()

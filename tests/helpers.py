@@ -188,6 +188,19 @@ def assert_clean_failure(result, *needles):
         assert needle in result.stderr, (needle, result.stderr)
 
 
+def stops_with_one_line(call, exception, *needles):
+    """call() must raise exception, a SystemExit whose one line starts with FAIL and holds each needle;
+    returns the line."""
+    with pytest.raises(exception) as err:
+        call()
+    assert isinstance(err.value, SystemExit)
+    message = str(err.value)
+    assert message.startswith("FAIL: ") and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
 def use_cache(monkeypatch, root):
     from autoresearch import paths
 

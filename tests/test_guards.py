@@ -25,20 +25,15 @@ import torch.nn.functional as F
 import constants
 import prepare
 from autoresearch import files, ledger, live, manifest, paths, report
-from helpers import SMOKE_N, SMOKE_T, corpus_documents, private_cache, run_edited, tiny_model, write_parquet
+from helpers import (SMOKE_N, SMOKE_T, corpus_documents, private_cache, run_edited, stops_with_one_line, tiny_model,
+                     write_parquet)
 
 T, N = SMOKE_T, SMOKE_N
 
 
 def caught(call, *needles):
-    """call() must stop the run: a SystemExit whose one line starts with FAIL and names the needles."""
-    with pytest.raises(ledger.Failed) as err:
-        call()
-    message = str(err.value)
-    assert message.startswith("FAIL: ") and "\n" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
+    """call() must stop the run with one FAIL line naming the needles."""
+    return stops_with_one_line(call, ledger.Failed, *needles)
 
 # =============================================================================
 # The live check: what runs is what the fingerprinted files say

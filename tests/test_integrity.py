@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import (ROOT, SMOKE_N, SMOKE_T, assert_clean_failure, corpus_documents, private_cache, run_python,
-                     write_parquet)
+                     stops_with_one_line, write_parquet)
 
 import prepare
 from autoresearch import files, ledger, manifest, paths, tokencache
@@ -373,14 +373,7 @@ def test_cache_without_harness_fingerprints_is_refused(cache, capsys):
 
 def failed(call, *needles):
     """call() must raise EvaluationFailed: a SystemExit whose one line starts with FAIL."""
-    with pytest.raises(prepare.EvaluationFailed) as err:
-        call()
-    assert isinstance(err.value, SystemExit)
-    message = str(err.value)
-    assert message.startswith("FAIL: ") and "\n" not in message, message
-    for n in needles:
-        assert n in message, (n, message)
-    return message
+    return stops_with_one_line(call, prepare.EvaluationFailed, *needles)
 
 
 @pytest.fixture
@@ -395,7 +388,7 @@ def test_a_model_that_sees_the_future_fails_the_causality_check(cache, tok, mask
     model = TinyAttention(tok.get_vocab_size(), mask)
     failed(lambda: prepare.check_evaluation(model, tok, 4), "FAIL: the model is not causal",
            f"position {(T - 1) // 2}")
-    assert model.shapes == [(4, T)] * 2, "the check is one extra batch of the same shape"
+    assert model.shapes == [(4, T)] * 3, "the batch, its changed copy, and the batch again (is it the model's state?)"
     failed(lambda: prepare.evaluate_bpb(model, tok, 4), "not causal")
 
 
