@@ -29,6 +29,7 @@ import itertools
 import math
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,6 +50,9 @@ NOT_CACHED = "not cached"  # the one problem that is no fault: prepare.py has no
 # tokens, ~0.8 MB of text, on the real contract) or below one full row, the
 # number would measure a handful of documents, so prepare refuses the split.
 MIN_VAL_FRACTION = 0.01
+# Shards are checked in threads (hashing releases the GIL); only the .npy header reads are serialised:
+# concurrent ast parsing in threads can raise "AST constructor recursion depth mismatch" (CPython 3.11).
+_NPY_LOAD_LOCK = threading.Lock()
 
 # =============================================================================
 # Building: tokenize a shard into the cache
@@ -222,8 +226,9 @@ def check_token_cache(tokenizer, path, content=False):
     try:
         if meta["shard"] != stamp(path):
             return None, NOT_CACHED  # the shard changed since: tokenized again, not a fault
-        tokens = np.load(base + ".tokens.npy", mmap_mode="r")
-        offsets = np.load(base + ".offsets.npy")
+        with _NPY_LOAD_LOCK:  # np.load parses each header with ast; CPython 3.11's ast is not thread-safe
+            tokens = np.load(base + ".tokens.npy", mmap_mode="r")
+            offsets = np.load(base + ".offsets.npy")
         problem = _token_cache_fault(tokenizer, base, tokens, offsets, meta)
         if problem is None and content:
             recorded = meta.get("sha256") or {}
