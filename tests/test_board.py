@@ -269,6 +269,7 @@ def test_post_confirm_takes_the_seed_from_run_log(sb):
 # A night of three stand-in agents (tests/stand_in.py) that share the board
 # =============================================================================
 
+@pytest.mark.slow
 def test_a_night_of_stand_ins(tmp_path, request):
     sb = make_sandbox(tmp_path, request)
     try:

@@ -61,6 +61,7 @@ def nothing_made(sb, tag):
 # A confirmation on three GPUs
 # =============================================================================
 
+@pytest.mark.slow
 def test_each_seed_runs_on_a_gpu_of_its_own_in_parallel(sb):
     commits = finished_night(sb, "n1")
     r = sb.spawn("confirm", "n1")
@@ -140,6 +141,7 @@ def test_gpus_of_a_running_night_are_not_used(sb):
 # Runs that give no number, and Ctrl-C
 # =============================================================================
 
+@pytest.mark.slow
 def test_a_run_without_a_number_is_a_row_with_a_note(sb):
     commits = finished_night(sb, "n2")
     # Seed 2 fails; and a train.py that ignores AUTORESEARCH_SEED is caught by its summary's seed.

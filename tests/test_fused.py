@@ -55,15 +55,18 @@ def interpreted():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_kernel_matches_plain_in_the_interpreter(interpreted, name):
     check_case(name, interpreted["cases"][name])
 
 
+@pytest.mark.slow
 def test_interpreter_run_announces_the_kernels(interpreted):
     assert interpreted["fused_line"] == "rotary_norm, softcapped_cross_entropy (Triton kernels)"
 
 
+@pytest.mark.slow
 def test_both_pieces_compile_as_one_graph(interpreted):
     """The decision is made at import, so torch.compile traces no decision code and the
     model's graph is not split at each piece (fullgraph=True would raise); the compiled
@@ -73,6 +76,7 @@ def test_both_pieces_compile_as_one_graph(interpreted):
     assert max(compiled["loss"], compiled["dx"], compiled["dw"]) < 1e-5, compiled
 
 
+@pytest.mark.slow
 def test_table_of_another_dtype_takes_the_plain_version():
     """float32 tables with a bf16 input promote to float32 in the definition; the kernel
     would round the tables to bf16, so that case runs the plain version, as written."""
@@ -80,6 +84,7 @@ def test_table_of_another_dtype_takes_the_plain_version():
     assert not case["fused"] and case["dtype_same"] and case["forward"] == 0.0
 
 
+@pytest.mark.slow
 def test_the_pin_catches_a_wrong_rotation(monkeypatch):
     """A check that cannot fail is no check: a rotation by the opposite angle fails it."""
     monkeypatch.setattr(kernels, "rotary_norm", lambda x, cos, sin: kernels.rotary_norm_plain(x, cos, -sin))

@@ -311,6 +311,7 @@ def middle(monkeypatch):
     monkeypatch.setattr(ledger, "choose", lambda n: n // 2)
 
 
+@pytest.mark.slow
 def test_a_model_that_reads_its_targets_fails(tok, middle):
     table = frequencies(val_targets(tok)[1], tok.get_vocab_size(), 1.0)
     prepare.check_evaluation(Table(table), tok, 4)  # the honest model passes
@@ -330,6 +331,7 @@ def test_the_checked_batch_is_random_so_a_leak_cannot_skip_it(tok, monkeypatch):
     caught(lambda: prepare.evaluate_bpb(model, tok, 4), "the model is not causal")
 
 
+@pytest.mark.slow
 def test_every_batch_is_equally_likely_whatever_the_seed(tok, monkeypatch):
     """The choice comes from os.urandom: torch's seed (train.py sets it) does not fix it."""
     checked, real = [], prepare._check_causal
@@ -366,6 +368,7 @@ def test_a_model_that_learns_while_it_is_scored_fails(tok, middle):
 # =============================================================================
 
 
+@pytest.mark.slow
 def test_fresh_weights_pass_and_weights_that_know_the_data_fail(tok, middle, sdpa_backend):
     """A run's step-0 check: a fresh model, a zero-init head, another init scale and even a unigram
     guess fitted on the very targets scored pass (none beats their unigram entropy); a model that
@@ -416,6 +419,7 @@ def cache_stamps(root):
     return {path: os.stat(path).st_mtime_ns for path in map(str, root.rglob("*")) if os.path.isfile(path)}
 
 
+@pytest.mark.slow
 def test_a_run_measures_the_data_its_identity_lines_name(tok, tmp_path, middle):
     """prepare.py re-importing other data and retraining the tokenizer while a run trains: the run's
     number is still its data's (held since verify_data), and the run stops at its evaluation, since it

@@ -123,6 +123,7 @@ def remove_deep(folder):
         path.rmdir()
 
 
+@pytest.mark.slow
 def test_a_lone_surrogate_a_deep_tree_and_a_name_that_is_not_utf8(tmp_path, small_cache, capsys):
     jsonl = tmp_path / "jsonl"
     jsonl.mkdir()

@@ -309,6 +309,7 @@ def test_changed_val_shard_is_refused_then_accepted_with_what_depends_on_it(cach
     assert docs == tok.encode(corpus_documents(300, seed=5), prepend=tok.get_bos_token_id())
 
 
+@pytest.mark.slow
 def test_verify_data_failure_is_one_line_and_exit_1_for_train_py(cache):
     overwrite(cache / "tokenizer" / "token_bytes.pt", 100, b"\x00" * 8)
     result = run_python("import prepare; prepare.verify_data()", cache)  # smoke-sized checks are not reached
@@ -461,6 +462,7 @@ def test_losses_of_the_wrong_shape_are_fail(cache, tok):
            f"must return the {8 * T} per-token losses", "got ()")
 
 
+@pytest.mark.slow
 def test_fail_exits_1_with_one_line_and_no_traceback(cache):
     code = ("import torch, prepare\n"
             "class NaN(torch.nn.Module):\n"

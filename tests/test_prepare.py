@@ -177,6 +177,7 @@ def take_until(loader, n_tokens, min_epoch):
     return batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split,B,T", [("val", 4, 64), ("val", 3, 200), ("train", 8, 256)])
 def test_loader_matches_reference_row_for_row(tok, split, B, T):
     """Several epochs of the fast loader equal the published algorithm's rows."""
@@ -203,6 +204,7 @@ def test_loader_without_cache_gives_the_same_rows(tok):
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and ea == eb
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_loader_invariants(tok, split):
     """BOS first, targets shifted by one, full rows of real tokens, and every
@@ -344,6 +346,7 @@ def small_eval(monkeypatch, prepared_cache):
             os.remove(p)
 
 
+@pytest.mark.slow
 def test_evaluate_bpb_equals_hand_computation(tok, small_eval):
     T, N = small_eval
     model = Bigram(tok.get_vocab_size())
@@ -368,6 +371,7 @@ def test_evaluate_bpb_equals_hand_computation(tok, small_eval):
     assert results[3] == pytest.approx(results[10], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_evaluate_bpb_cached_equals_uncached(tok, small_eval):
     T, N = small_eval
     model = Bigram(tok.get_vocab_size())
@@ -567,6 +571,7 @@ def closed_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_no_network_fails_fast_naming_source(tmp_path):
     t0 = time.time()
     result = run_prepare([], tmp_path / "cache",
@@ -730,6 +735,7 @@ def test_nothing_prepared_is_a_clear_error_for_train_py(tmp_path, prepared_cache
     assert_clean_failure(result, "no data in", "uv run prepare.py")
 
 
+@pytest.mark.slow
 def test_bad_source_inputs(tmp_path, corpus_dir, monkeypatch):
     cache = tmp_path / "cache"
     corrupt = tmp_path / "corrupt"
@@ -776,6 +782,7 @@ def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "prepare: interrupted; run the same command again to finish"
 
 
+@pytest.mark.slow
 def test_source_refuses_to_mix_with_downloaded_data(tmp_path, corpus_dir, shard_files):
     cache = tmp_path / "cache"
     (cache / "data").mkdir(parents=True)
@@ -783,6 +790,7 @@ def test_source_refuses_to_mix_with_downloaded_data(tmp_path, corpus_dir, shard_
     assert_clean_failure(run_prepare(["--source", corpus_dir], cache), "holds downloaded shards", "AUTORESEARCH_CACHE")
 
 
+@pytest.mark.slow
 def test_bad_cli_values(tmp_path):
     assert_clean_failure(run_prepare(["--download-workers", "0"], tmp_path / "c"), "--download-workers")
 
@@ -791,6 +799,7 @@ def test_bad_cli_values(tmp_path):
 # =============================================================================
 
 
+@pytest.mark.slow
 def test_the_package_never_imports_prepare_or_train():
     modules = sorted(f"autoresearch.{p.stem}" for p in (ROOT / "autoresearch").glob("*.py") if p.stem != "__init__")
     assert "autoresearch.tokencache" in modules and "autoresearch.manifest" in modules

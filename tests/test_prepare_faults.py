@@ -89,6 +89,7 @@ def test_smoke_switch_refuses_anything_else(value):
 # =============================================================================
 
 
+@pytest.mark.slow
 def test_source_inside_the_cache_is_refused_and_nothing_is_lost(prepared_cache, tmp_path, cache):
     shutil.copytree(prepared_cache, cache)
     before = {p.name: p.read_bytes() for p in (cache / "data").iterdir()}
@@ -135,6 +136,7 @@ def test_second_run_waits_for_the_lock(tmp_path, corpus_dir):
     assert "nothing to do" not in out and (cache / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_two_runs_from_two_sources_never_mix(tmp_path):
     sources = []
     for k in range(2):
@@ -178,6 +180,7 @@ class SilentServer:
         self.sock.close()
 
 
+@pytest.mark.slow
 def test_unreadable_source_json_never_leads_to_downloads(prepared_cache, corpus_dir, cache, monkeypatch):
     shutil.copytree(prepared_cache, cache)
     state = cache / "data" / "source.json"
@@ -291,6 +294,7 @@ def test_disk_full_at_any_step_stops_the_run(tmp_path, cache, monkeypatch, only,
     assert tokencache.cached_val_rows(prepare.Tokenizer.from_directory(), 64, 8) is not None
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_a_silent_server_exits_at_once(tmp_path):
     server = SilentServer()
     cache = tmp_path / "cache"
@@ -313,6 +317,7 @@ def test_ctrl_c_on_a_silent_server_exits_at_once(tmp_path):
     assert temporaries(cache) == []
 
 
+@pytest.mark.slow
 def test_cache_root_that_is_a_file(tmp_path, cache):
     cache.write_text("not a folder")
     assert_clean_failure(run_prepare([], cache), f"cache root {cache} is (or lies under) a file")

@@ -39,6 +39,7 @@ def probe(**values):
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_every_switch_reads_empty_and_blank_as_unset():
     unset = probe()
     assert unset.returncode == 0, unset.stderr
@@ -133,6 +134,7 @@ def test_flex_attention_forced_on_a_cpu_is_refused_before_training(monkeypatch):
     tiny_model()  # the backend is restored by monkeypatch
 
 
+@pytest.mark.slow
 def test_prepare_help_answers_before_torch_loads():
     for args in (["--help"], ["--num-shards", "many"]):
         result = subprocess.run([sys.executable, "-X", "importtime", "prepare.py", *args], cwd=ROOT,

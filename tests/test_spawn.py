@@ -40,6 +40,7 @@ def sb(tmp_path, request):
 # launch / status / stop
 # =============================================================================
 
+@pytest.mark.slow
 def test_launch_status_stop(sb):
     r = sb.spawn("launch", "night1", "alpha:0", "beta:2")
     assert r.returncode == 0, r.stderr
@@ -214,6 +215,7 @@ def test_missing_venv_is_only_a_warning(sb):
     assert not (sb.repo / "worktrees" / "gpu3" / ".venv").exists()
 
 
+@pytest.mark.slow
 def test_watcher_nudges_an_idle_pane(sb):
     r = sb.spawn("launch", "n8", "a:0", WATCH_INTERVAL="1")
     assert r.returncode == 0, r.stderr
@@ -489,6 +491,7 @@ sleep 600
 """
 
 
+@pytest.mark.slow
 def test_stop_ends_every_process_the_night_started(tmp_path, request):
     with one_worker(tmp_path, request, STUBBORN, "n32") as sb:
         pids = {name: int((sb.out / f"{name}.pid").read_text()) for name in ("timeout", "setsid", "stubborn", "agent")}
@@ -509,6 +512,7 @@ def fake_tool(sb, name, body):
     tool.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_status_and_stop_do_not_wait_on_an_unanswering_squeue(sb):
     fake_tool(sb, "squeue", "exec sleep 30")   # a Slurm client with no controller behind it
     fake_tool(sb, "scancel", "exec sleep 30")
@@ -580,6 +584,7 @@ def test_launcher_inputs_are_checked_before_anything_is_made(sb, setup, env, tag
         assert not (sb.repo / "worktrees").exists() and not (sb.repo / "results").exists()
 
 
+@pytest.mark.slow
 def test_posix_classes_in_the_idle_regex_still_work(sb):
     r = sb.spawn("launch", "n37", "a:0", WATCH_INTERVAL="1",
                  IDLE_PROMPT_REGEX="^[[:space:]]*(│[[:space:]]*)?(>|›|❯)([[:space:]].*)?$")
