@@ -24,11 +24,11 @@
 #
 # Runs of train.py happen in a scratch copy ($WORK/run-NAME: the harness, TRAIN_PY, the
 # copy's TIME_BUDGET) on the bench cache, never on yours: each copy records its own
-# fingerprints there, as train.py checks them. Logs land in $OUT, one per run, each
+# fingerprints there, as train.py checks them. Logs land in $BENCH_OUT, one per run, each
 # followed by its step statistics (bench/steps.py). Safe to re-run.
 #
 # Overrides (environment):
-#   OUT=bench_out                   logs (in the repo)
+#   BENCH_OUT=bench_out             logs (in the repo)
 #   WORK=/tmp/autoresearch-bench    scratch: the bench cache, run copies, compile caches
 #   SOURCE=                         setup: import these files (prepare.py --source) instead of downloading
 #   BUDGET=                         TIME_BUDGET in seconds (default: train 300, compare 60, overhead and capped 20)
@@ -53,13 +53,13 @@ esac
 
 # paths given relative to where you ran it, before the cd to the repo
 absolute() { if [[ "$1" == /* ]]; then printf '%s\n' "$1"; else printf '%s\n' "$PWD/$1"; fi; }
-for var in TRAIN_PY OUT SOURCE WHEELS FA4_DIR WORK; do
+for var in TRAIN_PY BENCH_OUT SOURCE WHEELS FA4_DIR WORK; do
     if [[ -n "${!var:-}" ]]; then printf -v "$var" '%s' "$(absolute "${!var}")"; fi
 done
 cd "$(dirname "$SCRIPT")/.."
 REPO=$PWD
 TRAIN_PY=${TRAIN_PY:-$REPO/train.py}
-OUT=${OUT:-$REPO/bench_out}
+BENCH_OUT=${BENCH_OUT:-$REPO/bench_out}
 SOURCE=${SOURCE:-}
 WHEELS=${WHEELS:-}
 FA4_DIR=${FA4_DIR:-}
@@ -72,7 +72,7 @@ fi
 export AUTORESEARCH_CACHE=$WORK/cache   # the bench's own cache, whatever yours is
 export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=${FLASH_ATTENTION_CUTE_DSL_CACHE_DIR:-$WORK/fa4-cache}
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$BENCH_OUT" "$WORK"
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -98,8 +98,8 @@ run_copy() {
     cp "$TRAIN_PY" "$dir/train.py"
     sed -i "s/^TIME_BUDGET = 300 /TIME_BUDGET = $budget /" "$dir/constants.py"
     grep -q "^TIME_BUDGET = $budget " "$dir/constants.py" || { log "could not set TIME_BUDGET in $dir"; return 1; }
-    (cd "$dir" && "$PYTHON" prepare.py) >"$OUT/$1-prepare.log" 2>&1 || {
-        tail -n 5 "$OUT/$1-prepare.log" >&2
+    (cd "$dir" && "$PYTHON" prepare.py) >"$BENCH_OUT/$1-prepare.log" 2>&1 || {
+        tail -n 5 "$BENCH_OUT/$1-prepare.log" >&2
         log "prepare.py in $dir failed: run 'bash bench/gpu.sh setup' first"
         return 1
     }
@@ -107,19 +107,19 @@ run_copy() {
 }
 
 # run_in NAME DIR COMPILE_CACHE [VAR=VALUE ...] COMMAND...: COMMAND in DIR with that compile
-# cache (a new folder is a cold one), log in $OUT/NAME.log; then the log's figures
+# cache (a new folder is a cold one), log in $BENCH_OUT/NAME.log; then the log's figures
 run_in() {
     local name=$1 dir=$2 cache=$3 rc=0
     shift 3
     log "$name: $* (in $dir)"
     (cd "$dir" && env TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton" "$@") \
-        >"$OUT/$name.log" 2>&1 || rc=$?
-    "$PYTHON" bench/steps.py "$OUT/$name.log" || true
-    grep -h "^batch:\|^overhead:" "$OUT/$name.log" || true
+        >"$BENCH_OUT/$name.log" 2>&1 || rc=$?
+    "$PYTHON" bench/steps.py "$BENCH_OUT/$name.log" || true
+    grep -h "^batch:\|^overhead:" "$BENCH_OUT/$name.log" || true
     awk '/^training_seconds:/ {t = $2} /^total_seconds:/ {s = $2}
-         END {if (s != "") printf "outside the budget: %.1f s\n", s - t}' "$OUT/$name.log"
+         END {if (s != "") printf "outside the budget: %.1f s\n", s - t}' "$BENCH_OUT/$name.log"
     if [[ $rc -ne 0 ]]; then
-        tr '\r' '\n' <"$OUT/$name.log" | tail -n 5 >&2
+        tr '\r' '\n' <"$BENCH_OUT/$name.log" | tail -n 5 >&2
         log "$name: exit code $rc"
     fi
     return "$rc"
@@ -130,14 +130,14 @@ fresh_cache() { printf '%s\n' "$WORK/compile-$1-$(date +%s)"; }
 failed=0
 case "$cmd" in
 setup)
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt" \
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$BENCH_OUT/gpu.txt" \
         || log "no nvidia-smi: the runs will say which device they found"
     if [[ -n "$SOURCE" ]]; then
         log "prepare.py --source $SOURCE (cache $AUTORESEARCH_CACHE)"
-        "$PYTHON" prepare.py --source "$SOURCE" 2>&1 | tee "$OUT/prepare.log"
+        "$PYTHON" prepare.py --source "$SOURCE" 2>&1 | tee "$BENCH_OUT/prepare.log"
     else
         log "prepare.py (cache $AUTORESEARCH_CACHE)"
-        "$PYTHON" prepare.py 2>&1 | tee "$OUT/prepare.log"
+        "$PYTHON" prepare.py 2>&1 | tee "$BENCH_OUT/prepare.log"
     fi
     ;;
 train)
@@ -175,7 +175,7 @@ compare)
             ${settings[@]+"${settings[@]}"} "$PYTHON" train.py || failed=1
     done
     for variant in "$@"; do
-        printf '%-10s %s\n' "$variant" "$("$PYTHON" bench/steps.py "$OUT/compare-$variant-$budget.log" \
+        printf '%-10s %s\n' "$variant" "$("$PYTHON" bench/steps.py "$BENCH_OUT/compare-$variant-$budget.log" \
             | grep -E 'tokens/s|^val_bpb|^peak_vram_mb' | tr '\n' ' ')"
     done
     ;;
@@ -190,15 +190,15 @@ capped)
     done
     ;;
 fused)
-    TRITON_CACHE_DIR=$(fresh_cache fused)/triton "$PYTHON" bench/fused.py "$OUT/fused.json" 2>&1 | tee "$OUT/fused.log"
+    TRITON_CACHE_DIR=$(fresh_cache fused)/triton "$PYTHON" bench/fused.py "$BENCH_OUT/fused.json" 2>&1 | tee "$BENCH_OUT/fused.log"
     ;;
 loader)
-    "$PYTHON" bench/loader.py --device cuda --B 128 --T 2048 --seconds 20 2>&1 | tee "$OUT/loader.log"
+    "$PYTHON" bench/loader.py --device cuda --B 128 --T 2048 --seconds 20 2>&1 | tee "$BENCH_OUT/loader.log"
     ;;
 profile)
     cache=$(fresh_cache profile)
     TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton" \
-        "$PYTHON" bench/step_profile.py "$@" 2>&1 | tee -a "$OUT/profile.log"
+        "$PYTHON" bench/step_profile.py "$@" 2>&1 | tee -a "$BENCH_OUT/profile.log"
     ;;
 attention)
     [[ $# -gt 0 ]] || set -- '{}'
@@ -209,7 +209,7 @@ attention)
         if [[ "$variant" == fa4 ]]; then args=(--backend fa4); else args=(--options "$variant"); fi
         TORCHINDUCTOR_CACHE_DIR="$cache/inductor" TRITON_CACHE_DIR="$cache/triton" \
             FLASH_ATTENTION_CUTE_DSL_CACHE_DIR="$cache/fa4" \
-            "$PYTHON" bench/attention.py "${args[@]}" 2>&1 | tee -a "$OUT/attention.log"
+            "$PYTHON" bench/attention.py "${args[@]}" 2>&1 | tee -a "$BENCH_OUT/attention.log"
     done
     ;;
 esac
