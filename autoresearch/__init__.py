@@ -13,6 +13,8 @@ it holds and who may import it. Nothing here imports train.py or prepare.py.
     guards.py     checks that stop a run whose edit would not take effect, or that diverged
     ledger.py     what the harness saw during a run: the data held for the metric, the training
                   rows and their times (the budget), the step-0 check, the one evaluation
+    scoring.py    the evaluation's machinery behind prepare.evaluate_bpb: its batches, per-token
+                  losses, and the checks beyond causality (targets, rescoring, unchanged weights, step 0)
     live.py       before the summary: the fixed files' functions and constants in memory against
                   their fingerprinted bytes
     report.py     the lines a run prints: identity, overhead, the summary block after `---`

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import constants
 import prepare
-from autoresearch import files, ledger, live, manifest, paths, report
+from autoresearch import files, ledger, live, manifest, paths, report, scoring
 from helpers import (SMOKE_N, SMOKE_T, corpus_documents, private_cache, run_edited, stops_with_one_line, tiny_model,
                      write_parquet)
 
@@ -65,6 +65,8 @@ REPLACED_AT_RUN_TIME = [  # (module, attribute, new value, what the line names)
     ("constants", "TIME_BUDGET", 3 * constants.TIME_BUDGET, f"constants.TIME_BUDGET is {3 * constants.TIME_BUDGET}"),
     ("prepare", "ledger", types.SimpleNamespace(), "prepare.ledger is not autoresearch.ledger"),
     ("autoresearch.ledger", "_check_budget", lambda now: None, "autoresearch.ledger._check_budget is not"),
+    ("autoresearch.scoring", "FRESH_MARGIN", 100.0, "autoresearch.scoring.FRESH_MARGIN is"),
+    ("prepare", "scoring", types.SimpleNamespace(), "prepare.scoring is not autoresearch.scoring"),
     ("autoresearch.guards", "check_loss", lambda loss, step: None, "autoresearch.guards.check_loss is not"),
     ("autoresearch.report", "harness_number", lambda items, val_bpb: items, "autoresearch.report.harness_number"),
 ]
@@ -78,8 +80,11 @@ def test_a_harness_object_replaced_at_run_time_is_named(recorded, monkeypatch, m
 
 
 def test_code_defaults_and_methods_changed_in_place_are_named(recorded, monkeypatch):
-    monkeypatch.setattr(prepare._check_targets, "__code__", (lambda *args: None).__code__)
-    caught(lambda: live.check_live(recorded), "prepare._check_targets is not the function")
+    monkeypatch.setattr(prepare._check_causal, "__code__", (lambda *args: None).__code__)
+    caught(lambda: live.check_live(recorded), "prepare._check_causal is not the function")
+    monkeypatch.undo()
+    monkeypatch.setattr(scoring.check_targets, "__code__", (lambda *args: None).__code__)
+    caught(lambda: live.check_live(recorded), "autoresearch.scoring.check_targets is not the function")
     monkeypatch.undo()
     monkeypatch.setattr(prepare.val_rows, "__defaults__", (False,))
     caught(lambda: live.check_live(recorded), "prepare.val_rows's default arguments")
