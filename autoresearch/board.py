@@ -436,6 +436,12 @@ def make_post(entries, worker, status, words, commit, seed=None, data=None, run_
         logged = identity["val_bpb"]
         if logged is not None and abs(logged - val_bpb) > 5e-7:
             print(f"warning: run.log says val_bpb {logged:.6f}, you posted {val_bpb:.6f}", file=sys.stderr)
+        # one night, one dataset: a result on other data cannot be compared with the night's
+        night = next((e for e in entries if e.status in RESULTS and e.data != "-"), None)
+        if data != "-" and night is not None and data != night.data:
+            raise BoardError(f"this run's data fingerprint {data} is not the night's {night.data} (its first result, "
+                             f"{night.worker} {night.commit}): runs on different data are not comparable; put the "
+                             f"cache back as the night began, or start a new night with a new tag")
     elif status == "crash" and words and re.fullmatch(r"[0-9.]+", words[0]):
         words = words[1:]  # program.md's crash row has 0.000000: accept and drop it
     description = clean(" ".join(words))

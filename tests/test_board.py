@@ -121,6 +121,18 @@ def test_post_warns_when_run_log_disagrees(sb):
     assert r.returncode == 0 and "run.log says val_bpb 0.981200" in r.stderr
 
 
+def test_post_refuses_a_result_on_other_data(sb):
+    (sb.repo / "run.log").write_text(RUN_LOG)
+    assert spawn_board(sb, "post", "keep", "0.981200", "baseline").returncode == 0
+    assert spawn_board(sb, "post", "discard", "0.981200", "same data").returncode == 0
+    (sb.repo / "run.log").write_text(RUN_LOG.replace("val=5f0c2a9e", "val=00000000"))  # the cache changed
+    r = spawn_board(sb, "post", "keep", "0.981200", "other data")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "is not the night's" in lines[0], r.stderr
+    assert spawn_board(sb, "post", "crash", "other data, OOM").returncode == 0  # no number: nothing to compare
+    assert [e.description for e in board.read(sb.board)[0]] == ["baseline", "same data", "other data, OOM"]
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["keep", "1e-300", "x"], {}, "implausible"),
     (["keep", "0", "x"], {}, "finite val_bpb > 0"),
