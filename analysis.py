@@ -46,8 +46,8 @@ Definitions (lower val_bpb is better), numbered the way a reader counts:
 - threshold: --noise X if given; else board.CONFIRM_FACTOR (3) x the noise,
   but never below board.CONFIRM_THRESHOLD (0.002, 3 x the 0.0007 rerun
   difference measured on an H100, issue 24): a rerun noise measured lower
-  says nothing of how a gain varies from seed to seed, which is not measured
-  yet. threshold_source says which: "--noise", "reruns" or "default".
+  says nothing of how a gain varies from seed to seed, which for an
+  architectural edit is far larger (docs/agents.md). threshold_source says which: "--noise", "reruns" or "default".
 - steps: each kept experiment, with delta = val_bpb - the best before it
   (negative = better), its parent (that best's commit), paired (the same
   seed as its parent), within_noise (a gain, but not above the threshold),
@@ -260,7 +260,7 @@ def measured_noise(rows, runs=None):
 def threshold_for(noise, given=None):
     """(threshold, source): the gain above which a kept step counts as large. --noise if given; else
     CONFIRM_FACTOR x the measured rerun noise, never below board.CONFIRM_THRESHOLD (a lower rerun noise
-    says nothing of how a gain varies from seed to seed, which is not measured yet)."""
+    says nothing of how a gain varies from seed to seed, far more for an architectural edit)."""
     if given is not None:
         return given, "--noise"
     if noise is not None and board.CONFIRM_FACTOR * noise > board.CONFIRM_THRESHOLD:
