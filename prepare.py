@@ -1,6 +1,6 @@
 """
 The contract: what decides val_bpb (the tokenizer, the best-fit packing loader,
-the evaluation and its checks), verify_data, and the one-time preparation that
+the evaluation and its causality check), verify_data, and the one-time preparation that
 makes the data. DO NOT MODIFY: this file, constants.py and autoresearch/ are the
 fixed harness. Agents edit train.py only; the data, the tokenizer and val_bpb
 must stay comparable.
@@ -16,7 +16,7 @@ a later run trusts, a second run with nothing to do changes nothing, and one
 run at a time holds the cache.
 
 The machinery behind it (downloads, the --source import, file safety, token
-caches, manifests) lives in autoresearch/, one concern per module, listed in
+caches, manifests, and the evaluation's other checks in scoring.py) lives in autoresearch/, one concern per module, listed in
 its __init__.py; agents need not read it.
 
 API used by train.py: Tokenizer, make_dataloader, verify_data (checks everything

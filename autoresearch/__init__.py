@@ -41,4 +41,7 @@ it holds and who may import it. Nothing here imports train.py or prepare.py.
     prefetch.py   the loader's background thread: pinned buffers, copies to the device
     manifest.py   the cache manifest: fingerprints of the data, the tokenizer and every fixed file,
                   and the checks verify_data runs
+    board.py      the night's board: results/<tag>-board.tsv, its safe appends, `spawn.sh board`
+    launch.py     spawn.sh's launcher: workers in tmux and git worktrees, or Slurm; status, stop
+    confirm.py    `spawn.sh confirm`: the night's baseline and best at K new seeds
 """

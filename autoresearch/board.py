@@ -408,7 +408,7 @@ def make_post(entries, worker, status, words, commit, seed=None, data=None, run_
             seed = int(env.get("AUTORESEARCH_SEED") or DEFAULT_SEED)
         except ValueError:
             seed = DEFAULT_SEED
-    data = data or identity["data"] or "-"
+    data = (data or identity["data"] or "-").lower()
     val_bpb = None
     if status == "adopt":
         kept = [e for e in entries if e.status == "keep" and same_commit(e.commit, commit)]
@@ -438,8 +438,8 @@ def make_post(entries, worker, status, words, commit, seed=None, data=None, run_
         if logged is not None and abs(logged - val_bpb) > 5e-7:
             print(f"warning: run.log says val_bpb {logged:.6f}, you posted {val_bpb:.6f}", file=sys.stderr)
         # one night, one dataset: a result on other data cannot be compared with the night's
-        night = next((e for e in entries if e.status in RESULTS and e.data != "-"), None)
-        if data != "-" and night is not None and data != night.data:
+        night = next((e for e in entries if e.status in RESULTS and e.data not in ("-", "")), None)
+        if night is not None and not comparable(data, night.data):
             raise BoardError(f"this run's data fingerprint {data} is not the night's {night.data} (its first result, "
                              f"{night.worker} {night.commit}): runs on different data are not comparable; put the "
                              f"cache back as the night began, or start a new night with a new tag")

@@ -15,7 +15,8 @@ train.py, so that the number in the summary is the harness's. DO NOT MODIFY.
 A tripwire against eager edits, not a sandbox: code that writes here on purpose
 can forge it (the README says where the line is). Failures are one line,
 `FAIL: ...`, exit 1 (Failed). prepare.py (the loader, the evaluation and
-verify_data), gpu.py (a retried step 0) and report.py (the summary) import it;
+verify_data), scoring.py (the checks' random choices), live.py (Failed), gpu.py
+(a retried step 0) and report.py (the summary) import it;
 it imports constants.py and autoresearch.files. Tests call reset().
 """
 

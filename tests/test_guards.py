@@ -11,6 +11,7 @@ The checks are tested in this process where they can be (a fake clock for the bu
 tiny models for the evaluation); the smoke runs show the wiring in train.py end to end.
 """
 
+import importlib
 import math
 import os
 import shutil
@@ -75,7 +76,7 @@ REPLACED_AT_RUN_TIME = [  # (module, attribute, new value, what the line names)
 @pytest.mark.parametrize("module, name, value, needle", REPLACED_AT_RUN_TIME, ids=[f"{m}.{n}" for m, n, *_ in
                                                                                     REPLACED_AT_RUN_TIME])
 def test_a_harness_object_replaced_at_run_time_is_named(recorded, monkeypatch, module, name, value, needle):
-    monkeypatch.setattr(sys.modules[module], name, value)
+    monkeypatch.setattr(importlib.import_module(module), name, value)
     caught(lambda: live.check_live(recorded), needle)
 
 
