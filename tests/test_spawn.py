@@ -269,6 +269,21 @@ def test_missing_tmux(tmp_path):
     assert r.returncode == 1 and "tmux not found" in r.stderr
 
 
+@pytest.mark.parametrize("script, message", [
+    ("exit 127", "does not run"),                # a pyenv shim with no version, a broken install
+    ("echo False", "is older than 3.10"),
+])
+def test_a_python_that_will_not_do_is_named(tmp_path, script, message):
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!/usr/bin/env bash\n{script}\n")
+    fake.chmod(0o755)
+    copy_launcher(tmp_path)
+    r = subprocess.run(["bash", "spawn.sh", "status"], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, AUTORESEARCH_PYTHON=str(fake)))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and message in lines[0], r.stderr
+
+
 def test_help_shows_usage():
     r = subprocess.run(["bash", str(SPAWN), "help"], capture_output=True, text=True)
     assert r.returncode == 0
