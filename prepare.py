@@ -16,8 +16,9 @@ a later run trusts, a second run with nothing to do changes nothing, and one
 run at a time holds the cache.
 
 The machinery behind it (downloads, the --source import, file safety, token
-caches, manifests, and the evaluation's other checks in scoring.py) lives in autoresearch/, one concern per module, listed in
-its __init__.py; agents need not read it.
+caches, manifests, the evaluation's other checks in scoring.py) lives in
+autoresearch/, one concern per module, listed in its __init__.py; agents need
+not read it.
 
 API used by train.py: Tokenizer, make_dataloader, verify_data (checks everything
 val_bpb depends on, before training), check_evaluation, evaluate_bpb.
@@ -299,25 +300,31 @@ def val_rows(tokenizer, T, N, save=True):
 
 
 def _check_causal(model, x, y, losses, vocab_size):
-    """A model may not see the future: in a row r and at a position p, both chosen at
-    random, change the tokens after p (inputs and targets), run the same full batch
-    again, and the losses at positions <= p of row r, and everywhere in the other
-    rows, must stay within scoring.tolerance (a few bf16 rounding steps). A missing causal mask
-    changes them; a window that reaches one token ahead changes position p."""
-    r, p = ledger.choose(x.shape[0]), ledger.choose(x.shape[1] - 1)  # p < T - 1: a token after it changes
-    x2, y2 = x.clone(), y.clone()
-    x2[r, p + 1:] = (x[r, p + 1:] + 1) % vocab_size  # a different, valid id everywhere after p
-    y2[r, p + 1:] = (y[r, p + 1:] + 1) % vocab_size
-    may_change = torch.zeros_like(losses, dtype=torch.bool)
-    may_change[r, p + 1:] = True  # their own inputs changed
-    worst = scoring.worst_change(scoring.token_losses(model, x2, y2), losses, may_change)
-    if worst is not None:
-        scoring.check_rescored(model, x, y, losses)  # the batch itself moved? then that is the fault to name
-        row, pos, nats = worst
-        where = f"position {pos}" if row == r else f"position {pos} of another row of the batch (rows must not mix)"
-        raise EvaluationFailed(f"the model is not causal: its loss at {where} changed by {nats:.3g} nats when only "
-                               f"the tokens after position {p} changed (a missing causal mask, a window that "
-                               f"reaches ahead, or dropout?)")
+    """A model may not see the future: in a row r chosen at random, change the tokens
+    after a position p (inputs and targets), run the same full batch again, and the
+    losses at positions <= p of row r, and everywhere in the other rows, must stay
+    within scoring.tolerance (a few bf16 rounding steps). Done twice, each in its own
+    random row: once with p in the first half of the row, so at least half its tokens
+    change and a missing causal mask shows plainly, once with p in the second half, so
+    a mask that goes wrong only late in the row shows too. A window that reaches one
+    token ahead changes position p."""
+    B, T = x.shape
+    half = (T - 1) // 2  # p < T - 1: a token after it changes
+    for p in [ledger.choose(half), half + ledger.choose(T - 1 - half)] if half else [ledger.choose(T - 1)]:
+        r = ledger.choose(B)
+        x2, y2 = x.clone(), y.clone()
+        x2[r, p + 1:] = (x[r, p + 1:] + 1) % vocab_size  # a different, valid id everywhere after p
+        y2[r, p + 1:] = (y[r, p + 1:] + 1) % vocab_size
+        may_change = torch.zeros_like(losses, dtype=torch.bool)
+        may_change[r, p + 1:] = True  # their own inputs changed
+        worst = scoring.worst_change(scoring.token_losses(model, x2, y2), losses, may_change)
+        if worst is not None:
+            scoring.check_rescored(model, x, y, losses)  # the batch itself moved? then that is the fault to name
+            row, pos, nats = worst
+            where = f"position {pos}" if row == r else f"position {pos} of another row of the batch (rows must not mix)"
+            raise EvaluationFailed(f"the model is not causal: its loss at {where} changed by {nats:.3g} nats when "
+                                   f"only the tokens after position {p} changed (a missing causal mask, a window "
+                                   f"that reaches ahead, or dropout?)")
 
 
 @torch.no_grad()

@@ -108,8 +108,8 @@ class TinyAttention(torch.nn.Module):
     embedding, so it predicts the tokens it sees, as a trained model that could
     see the next token would. mask: "causal" (a query sees itself and the
     WINDOW-1 tokens before it), "next" (the same window one token further: it
-    sees the next token), "none" (no mask), "rows" (causal, but mixes the rows
-    of a batch)."""
+    sees the next token), "none" (no mask), "late" (causal in the first half of
+    a row, no mask in the second), "rows" (causal, but mixes the rows of a batch)."""
 
     WINDOW, D = 4, 32
 
@@ -129,6 +129,8 @@ class TinyAttention(torch.nn.Module):
         allowed = (key <= query + reach) & (key > query - self.WINDOW + reach)  # (T, T)
         if self.mask == "none":
             allowed = torch.ones_like(allowed)
+        if self.mask == "late":
+            allowed = allowed | (query >= T // 2)
         qk = torch.zeros(B, 1, T, self.D)  # (B, H=1, T, D): equal scores for every allowed key
         h = e + F.scaled_dot_product_attention(qk, qk, e.unsqueeze(1), attn_mask=allowed)[:, 0]  # (B, T, D)
         if self.mask == "rows":
@@ -387,19 +389,33 @@ def middle_choices(monkeypatch):
 @pytest.mark.parametrize("mask", ["none", "next"])
 def test_a_model_that_sees_the_future_fails_the_causality_check(cache, tok, mask, middle_choices):
     model = TinyAttention(tok.get_vocab_size(), mask)
+    first_p = ((T - 1) // 2) // 2  # the middle of the first half: the first of the two changed copies
     failed(lambda: prepare.check_evaluation(model, tok, 4), "FAIL: the model is not causal",
-           f"position {(T - 1) // 2}")
+           f"after position {first_p} changed")
     assert model.shapes == [(4, T)] * 3, "the batch, its changed copy, and the batch again (is it the model's state?)"
     failed(lambda: prepare.evaluate_bpb(model, tok, 4), "not causal")
+
+
+def test_a_missing_mask_is_caught_at_any_position_drawn(cache, tok, monkeypatch):
+    """With p at the end of a row one token changes, and a model without a mask, averaging over
+    the whole row, moves too little to show; the first half's p changes half the row's tokens."""
+    monkeypatch.setattr(ledger, "choose", lambda n: n - 1)  # every choice at the end of its range
+    failed(lambda: prepare.check_evaluation(TinyAttention(tok.get_vocab_size(), "none"), tok, 4), "not causal")
+
+
+def test_a_mask_that_goes_wrong_late_in_the_row_is_caught(cache, tok, middle_choices):
+    late_p = (T - 1) // 2 + (T - 1 - (T - 1) // 2) // 2  # the middle of the second half: the second changed copy
+    failed(lambda: prepare.check_evaluation(TinyAttention(tok.get_vocab_size(), "late"), tok, 4),
+           f"after position {late_p} changed")
 
 
 def test_a_causal_model_passes_and_its_result_is_unchanged(cache, tok, middle_choices):
     model = TinyAttention(tok.get_vocab_size(), "causal")
     first = prepare.check_evaluation(model, tok, 4)  # the batch in the middle: rows 16..19
-    assert model.shapes == [(4, T)] * 3, "the checked batch, later tokens changed, targets changed"
+    assert model.shapes == [(4, T)] * 4, "the checked batch, later tokens changed twice, targets changed"
     model.shapes = []
     bpb = prepare.evaluate_bpb(model, tok, 4)
-    assert model.shapes == [(4, T)] * (N // 4 + 3), "and the checked batch scored again at the end"
+    assert model.shapes == [(4, T)] * (N // 4 + 4), "and the checked batch scored again at the end"
     rows = torch.from_numpy(np.asarray(prepare.val_rows(tok, T, N), dtype=np.int64))
     token_bytes = prepare.get_token_bytes()
     with torch.no_grad():
