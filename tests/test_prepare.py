@@ -363,9 +363,9 @@ def test_evaluate_bpb_equals_hand_computation(tok, small_eval):
     for batch_size in (3, 10, 64):
         model.shapes = []
         results[batch_size] = prepare.evaluate_bpb(model, tok, batch_size)
-        # Full batches only (the last one padded), plus three for the checks (later tokens changed,
+        # Full batches only (the last one padded), plus four for the checks (later tokens changed twice,
         # targets changed, the checked batch scored again).
-        assert model.shapes == [(batch_size, T)] * (-(-N // batch_size) + 3), (batch_size, model.shapes)
+        assert model.shapes == [(batch_size, T)] * (-(-N // batch_size) + 4), (batch_size, model.shapes)
     for batch_size, bpb in results.items():
         assert bpb == pytest.approx(expected, rel=1e-6), batch_size
     assert results[3] == pytest.approx(results[10], rel=1e-12)
