@@ -47,7 +47,8 @@ Definitions (lower val_bpb is better), numbered the way a reader counts:
   but never below board.CONFIRM_THRESHOLD (0.002, 3 x the 0.0007 rerun
   difference measured on an H100, issue 24): a rerun noise measured lower
   says nothing of how a gain varies from seed to seed, which for an
-  architectural edit is far larger (docs/agents.md). threshold_source says which: "--noise", "reruns" or "default".
+  architectural edit is far larger (docs/agents.md). threshold_source says
+  which: "--noise", "reruns" or "default".
 - steps: each kept experiment, with delta = val_bpb - the best before it
   (negative = better), its parent (that best's commit), paired (the same
   seed as its parent), within_noise (a gain, but not above the threshold),

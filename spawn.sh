@@ -167,5 +167,6 @@ fi
 command -v "$python" >/dev/null 2>&1 || die "$python not found: install Python 3.10+ (or run 'uv sync' here)"
 new_enough=$("$python" -c 'import sys; print(sys.version_info >= (3, 10))' 2>/dev/null) \
     || die "$python does not run: set AUTORESEARCH_PYTHON to a Python 3.10+ (or run 'uv sync' here)"
-[[ "$new_enough" == True ]] || die "$python is older than 3.10: set AUTORESEARCH_PYTHON to a newer one (or run 'uv sync' here)"
+[[ "$new_enough" == True ]] \
+    || die "$python is older than 3.10: set AUTORESEARCH_PYTHON to a newer one (or run 'uv sync' here)"
 exec "$python" "$here/autoresearch/launch.py" "$@"

@@ -103,9 +103,10 @@ def check_targets(model, x, y, losses, vocab_size):
     worst = int(both.argmax())
     if both[worst] > 1:
         check_rescored(model, x, y, losses)
+        total = float(torch.exp(-a[worst]) + torch.exp(-b[worst]))
         raise EvaluationFailed(f"the model reads its targets: at position {int(q[worst])} the target and another "
-                               f"token get probabilities that add up to {float(torch.exp(-a[worst]) + torch.exp(-b[worst])):.3g}, "
-                               f"more than 1 (a model may not see the token it is scored on)")
+                               f"token get probabilities that add up to {total:.3g}, more than 1 (a model may not "
+                               f"see the token it is scored on)")
 
 
 def check_rescored(model, x, y, losses):
