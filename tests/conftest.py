@@ -63,6 +63,15 @@ def fresh_ledger():
 
 
 @pytest.fixture
+def middle_choices(monkeypatch):
+    """The evaluation's random choices (the checked batch, row and position) pinned to the middle of
+    their ranges, so a test knows them; tests/test_guards.py tests that they are random."""
+    from autoresearch import ledger
+
+    monkeypatch.setattr(ledger, "choose", lambda n: n // 2)
+
+
+@pytest.fixture
 def small_cache(tmp_path, monkeypatch):
     """A fresh cache root for this process's prepare (and its subprocesses), with small
     constants: rows of T=64 tokens, 8 of them scored."""

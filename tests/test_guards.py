@@ -15,7 +15,6 @@ import importlib
 import math
 import os
 import shutil
-import sys
 import types
 
 import numpy as np
@@ -311,20 +310,14 @@ class CountsCalls(Table):
         return super().logits(x, y)
 
 
-@pytest.fixture
-def middle(monkeypatch):
-    """The evaluation's random choices pinned to the middle of their ranges."""
-    monkeypatch.setattr(ledger, "choose", lambda n: n // 2)
-
-
 @pytest.mark.slow
-def test_a_model_that_reads_its_targets_fails(tok, middle):
+def test_a_model_that_reads_its_targets_fails(tok, middle_choices):
     table = frequencies(val_targets(tok)[1], tok.get_vocab_size(), 1.0)
     prepare.check_evaluation(Table(table), tok, 4)  # the honest model passes
     caught(lambda: prepare.check_evaluation(ReadsTargets(table, "same"), tok, 4), "the model reads its targets: at "
            "position", "more than 1")
     caught(lambda: prepare.evaluate_bpb(ReadsTargets(table, "earlier"), tok, 4), "the model reads its targets: its "
-           f"loss at position", "when only the targets at other positions changed")
+           "loss at position", "when only the targets at other positions changed")
 
 
 def test_the_checked_batch_is_random_so_a_leak_cannot_skip_it(tok, monkeypatch):
@@ -357,7 +350,7 @@ def test_every_batch_is_equally_likely_whatever_the_seed(tok, monkeypatch):
     assert len(set(checked[:20])) > 1, "not one fixed batch under a fixed torch seed"
 
 
-def test_a_model_that_learns_while_it_is_scored_fails(tok, middle):
+def test_a_model_that_learns_while_it_is_scored_fails(tok, middle_choices):
     x, y = val_targets(tok)
     guess = frequencies(y, tok.get_vocab_size(), 1.0)
     caught(lambda: prepare.check_evaluation(Remembers(guess), tok, 4), "the model learns while it is scored")
@@ -375,7 +368,7 @@ def test_a_model_that_learns_while_it_is_scored_fails(tok, middle):
 
 
 @pytest.mark.slow
-def test_fresh_weights_pass_and_weights_that_know_the_data_fail(tok, middle, sdpa_backend):
+def test_fresh_weights_pass_and_weights_that_know_the_data_fail(tok, middle_choices, sdpa_backend):
     """A run's step-0 check: a fresh model, a zero-init head, another init scale and even a unigram
     guess fitted on the very targets scored pass (none beats their unigram entropy); a model that
     has learned their context (here a bigram fitted on them, as weights from an earlier run) fails."""
@@ -426,7 +419,7 @@ def cache_stamps(root):
 
 
 @pytest.mark.slow
-def test_a_run_measures_the_data_its_identity_lines_name(tok, tmp_path, middle):
+def test_a_run_measures_the_data_its_identity_lines_name(tok, tmp_path, middle_choices):
     """prepare.py re-importing other data and retraining the tokenizer while a run trains: the run's
     number is still its data's (held since verify_data), and the run stops at its evaluation, since it
     trained on changed shards. Runs only read the cache: another run starting meanwhile changes nothing."""

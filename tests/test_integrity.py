@@ -379,13 +379,6 @@ def failed(call, *needles):
     return stops_with_one_line(call, prepare.EvaluationFailed, *needles)
 
 
-@pytest.fixture
-def middle_choices(monkeypatch):
-    """The evaluation's random choices (the checked batch, row and position) pinned to the middle of
-    their ranges, so a test knows them; tests/test_guards.py tests that they are random."""
-    monkeypatch.setattr(ledger, "choose", lambda n: n // 2)
-
-
 @pytest.mark.parametrize("mask", ["none", "next"])
 def test_a_model_that_sees_the_future_fails_the_causality_check(cache, tok, mask, middle_choices):
     model = TinyAttention(tok.get_vocab_size(), mask)

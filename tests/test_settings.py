@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, run_edited, tiny_model
+from helpers import ROOT, run_edited
 
 import train
 from autoresearch import attention, environment, gpu, guards
@@ -131,7 +131,6 @@ def test_flex_attention_forced_on_a_cpu_is_refused_before_training(monkeypatch):
     config = train.GPTConfig(sequence_len=16, n_head=2, n_kv_head=2, n_embd=16)
     with pytest.raises(SystemExit, match="^FAIL: attention: flex was asked for .* no backward on a CPU"):
         attention.prepare_attention(config, [(8, 0)], "cpu")
-    tiny_model()  # the backend is restored by monkeypatch
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ tests/test_fused.py.
     uv run pytest tests/test_train.py -k "not smoke"   # the fast part only
 """
 
-import copy
 import math
 import os
 import re
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from autoresearch import attention, seeding
+from autoresearch import seeding
 from train import GPT, GPTConfig, MuonAdamW
 
 from helpers import run_edited, tiny_model
