@@ -29,11 +29,12 @@ from autoresearch import gpu, guards, kernels, report, seeding  # gpu first: it 
 from autoresearch.attention import prepare_attention, select_attention
 from constants import MAX_SEQ_LEN, SMOKE, SMOKE_STEPS, TIME_BUDGET, UNTIMED_STEPS
 from prepare import Tokenizer, check_evaluation, evaluate_bpb, make_dataloader, verify_data
-# the model's pieces, each replaceable here; on CUDA rotary_norm and softcapped_cross_entropy run as fused
-# kernels, whose plain PyTorch definitions open autoresearch/kernels.py (read those lines, not the kernels)
+# the model's pieces, each replaceable here; on CUDA they run as fused kernels, whose plain PyTorch
+# definitions open autoresearch/kernels.py (read those lines, not the kernels)
 from autoresearch.attention import attention  # causal sliding-window attention
 from autoresearch.kernels import rotary_norm  # rotary embedding, then RMSNorm per head (QK-norm)
 from autoresearch.kernels import softcapped_cross_entropy, softcapped_logits  # lm_head, cap·tanh(logits/cap), CE
+from autoresearch.kernels import relu_square_mlp  # the MLP: c_proj(ReLU(c_fc(x))²)
 
 # =============================================================================
 # Model
@@ -113,7 +114,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU²
+        # c_proj(ReLU(c_fc(x))²). Another activation: write the MLP out, e.g.
+        # self.c_proj(F.gelu(self.c_fc(x))), and it runs as plain PyTorch (the `fused:` line says so)
+        return relu_square_mlp(x, self.c_fc.weight, self.c_proj.weight)
 
 
 class Block(nn.Module):
@@ -559,7 +562,6 @@ def main():
     num_params, flops_per_token = shape.param_counts()["total"], shape.estimate_flops()
     report.print_identity([
         ("attention", select_attention(device)),
-        ("fused", kernels.fused_line(device)),
         ("device", f"{gpu_name} ({peak_note})"),
         ("data", report.fingerprint_line(fingerprints)),
         ("constants", report.constants_line()),
@@ -600,6 +602,7 @@ def main():
     grad_accum_steps = rows_per_step // micro_batch
     data_fingerprint = seeding.data_fingerprint(fingerprints)
     report.print_identity([
+        ("fused", kernels.fused_line(device)),  # after step 0: the pieces that ran as kernels
         ("batch", report.batch_line(TOTAL_BATCH_SIZE, micro_batch, grad_accum_steps, step0.fit_note)),
         ("seed", f"{seed} init={init_fingerprint} data={data_fingerprint} (equal seed and data: paired runs)"),
     ])

@@ -5,6 +5,8 @@ compute the same in fewer passes over memory. DO NOT MODIFY.
     rotary_norm               rotary embedding, then RMSNorm, of q or k (QK-norm)
     softcapped_cross_entropy  lm_head, soft-capped logits, per-token cross-entropy, and
                               in the same pass the gradient of each token's loss
+    relu_square_mlp           the MLP, c_proj(ReLU(c_fc(x))²), with ReLU² made inside c_fc's
+                              matmul and its gradient inside the backward's matmul
 
 Read this file down to the banner "Below: the kernels": what is above it, the plain
 definitions, is what the model computes. Below it is machinery an experiment need not
@@ -52,6 +54,11 @@ def softcapped_cross_entropy_plain(x, weight, targets, cap):
     logits = softcapped_logits(x, weight, cap)
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none")
 
+
+def relu_square_mlp_plain(x, w_fc, w_proj):
+    """The MLP: c_proj(ReLU(c_fc(x))²), the definition. x: (..., C); w_fc: (H, C); w_proj: (C, H)."""
+    return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
+
 # =============================================================================
 # Below: the kernels (machinery: the plain definitions above say what they compute)
 # =============================================================================
@@ -59,6 +66,8 @@ def softcapped_cross_entropy_plain(x, weight, targets, cap):
 _fused = None   # (bool, why) once fused_kernels() has decided
 _interpret = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: kernels on any device
 _kernels = {}   # name -> Triton kernel, defined on first use (importing Triton takes a while)
+PIECES = ("rotary_norm", "softcapped_cross_entropy", "relu_square_mlp")
+_ran = set()    # the pieces that ran as kernels: recorded by each op, and by its fake when compile traces it
 _tanh = None    # the kernels' tanh, a Triton function: a module global, where Triton looks helpers up
 
 
@@ -81,11 +90,18 @@ def fused_kernels():
 
 
 def fused_line(device):
-    """The `fused:` identity line for a run on `device`: which pieces run as kernels, or why none do."""
+    """The `fused:` identity line for a run on `device`, once the model has run: which pieces
+    ran as kernels, which did not (train.py computes them its own way, or calls them where
+    their kernels do not apply), or why none can."""
     on, why = fused_kernels()
     if on and torch.device(device).type != "cuda" and not _interpret:
         on, why = False, "no CUDA device"
-    return f"rotary_norm, softcapped_cross_entropy ({why})" if on else f"none, plain PyTorch ({why})"
+    if not on:
+        return f"none, plain PyTorch ({why})"
+    ran = [piece for piece in PIECES if piece in _ran]
+    line = f"{', '.join(ran) or 'none'} ({why})"
+    plain = [piece for piece in PIECES if piece not in _ran]
+    return line + (f"; plain PyTorch: {', '.join(plain)} (not called as a kernel)" if plain else "")
 
 
 def _use_kernels(x):
@@ -208,7 +224,38 @@ def _triton_kernels():
                     tl.store(at, tl.where(valid, grad, 0.0).to(logits_ptr.dtype.element_ty), mask=start + cols < V)
         tl.store(losses_ptr + row, tl.where(valid, lse - target_z, bad))
 
-    _kernels.update(rotary_norm_fwd=rotary_norm_fwd, rotary_norm_bwd=rotary_norm_bwd, softcapped_ce=softcapped_ce)
+    @triton.jit
+    def relu_square_matmul(a_desc, b_desc, out_desc, post_desc, M, N, K: tl.constexpr, BACKWARD: tl.constexpr,
+                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # out = a @ bᵀ (a: M x K, b: N x K), then in the same tile: forward, out = ReLU(out)²;
+        # backward, out · 2·sqrt(post), ReLU²'s derivative 2·ReLU(h) read from its saved output
+        # post = ReLU(h)² (zero where h <= 0, as the derivative is), so h is never stored.
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(N, BLOCK_N)
+        # GROUP_M row tiles walk the columns together: their b tiles stay in L2
+        group = pid // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        m = (first_m + (pid % (GROUP_M * tiles_n)) % rows) * BLOCK_M
+        n = ((pid % (GROUP_M * tiles_n)) // rows) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = a_desc.load([m, k])
+            b = b_desc.load([n, k])
+            if UPCAST:  # Triton's CPU interpreter multiplies 16-bit tiles wrongly (numpy has no bfloat16)
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b.T, acc)
+        if BACKWARD:
+            acc = acc * 2.0 * tl.sqrt(post_desc.load([m, n]).to(tl.float32))
+        else:
+            acc = tl.maximum(acc, 0.0)
+            acc = acc * acc
+        out_desc.store([m, n], acc.to(out_desc.dtype))
+
+    _kernels.update(rotary_norm_fwd=rotary_norm_fwd, rotary_norm_bwd=rotary_norm_bwd, softcapped_ce=softcapped_ce,
+                    relu_square_matmul=relu_square_matmul)
     return _kernels
 
 
@@ -228,6 +275,7 @@ def _rotary_norm_grid(n_rows):
 
 @torch.library.custom_op("autoresearch::rotary_norm", mutates_args=())
 def _rotary_norm_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _ran.add("rotary_norm")
     B, T, H, D = x.shape
     y = torch.empty_like(x)
     rstd = torch.empty(B * T * H, dtype=torch.float32, device=x.device)
@@ -239,6 +287,7 @@ def _rotary_norm_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tu
 
 @_rotary_norm_op.register_fake
 def _(x, cos, sin):
+    _ran.add("rotary_norm")
     B, T, H, _ = x.shape
     return torch.empty_like(x), x.new_empty(B * T * H, dtype=torch.float32)
 
@@ -300,6 +349,7 @@ CE_SERIES_CAP = 64.0  # above this soft-cap, tanh near 0 by its series (see the 
 @torch.library.custom_op("autoresearch::softcapped_cross_entropy", mutates_args=())
 def _softcapped_ce_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
                       with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _ran.add("softcapped_cross_entropy")
     logits = x @ weight.t()  # (N, V), overwritten by each token's loss gradient when with_grad
     losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
     V = logits.size(1)
@@ -311,6 +361,7 @@ def _softcapped_ce_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 
 @_softcapped_ce_op.register_fake
 def _(x, weight, targets, cap, with_grad):
+    _ran.add("softcapped_cross_entropy")
     N, V = x.size(0), weight.size(0)
     return x.new_empty(N, dtype=torch.float32), x.new_empty((N, V) if with_grad else (0,))
 
@@ -355,6 +406,95 @@ def softcapped_cross_entropy(x, weight, targets, cap):
     targets = targets.reshape(-1).contiguous()
     assert targets.numel() == x.size(0), f"{targets.numel()} targets for {x.size(0)} positions"
     return _softcapped_ce_op(x, weight.to(dtype), targets, float(cap), with_grad)[0]
+
+
+# --- relu_square_mlp ------------------------------------------------------------
+
+# Tiles of relu_square_matmul, read at every call (bench/fused.py times the alternatives)
+MLP_BLOCK_M, MLP_BLOCK_N, MLP_BLOCK_K = 128, 256, 64
+MLP_GROUP_M = 8   # row tiles that walk the columns together (L2 reuse of the weight's tiles)
+MLP_STAGES = 3    # tiles of a and b in flight: 3 x 48 KiB of shared memory, with room for the epilogue's
+MLP_WARPS = 8
+
+
+def _relu_square_matmul(a, b, post=None):
+    """ReLU(a @ bᵀ)², or with `post` the backward's (a @ bᵀ) · 2·sqrt(post). a: (M, K), b: (N, K)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    M, K = a.shape
+    N = b.size(0)
+    out = a.new_empty(M, N)
+    bm, bn, bk = MLP_BLOCK_M, MLP_BLOCK_N, min(MLP_BLOCK_K, K)
+    grid = (-(-M // bm) * -(-N // bn),)
+    post = out if post is None else post  # forward: a placeholder the kernel never reads
+    _triton_kernels()["relu_square_matmul"][grid](
+        TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
+        TensorDescriptor.from_tensor(out, [bm, bn]), TensorDescriptor.from_tensor(post, [bm, bn]),
+        M, N, K=K, BACKWARD=post is not out, UPCAST=_interpret and a.element_size() < 4,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
+    return out
+
+
+@torch.library.custom_op("autoresearch::relu_square_mlp", mutates_args=())
+def _relu_square_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _ran.add("relu_square_mlp")
+    post = _relu_square_matmul(x, w_fc)  # (N, H): ReLU(x @ w_fcᵀ)², the only (N, H) tensor kept
+    return post @ w_proj.t(), post
+
+
+@_relu_square_mlp_op.register_fake
+def _(x, w_fc, w_proj):
+    _ran.add("relu_square_mlp")
+    return x.new_empty(x.size(0), w_proj.size(0)), x.new_empty(x.size(0), w_fc.size(0))
+
+
+@torch.library.custom_op("autoresearch::relu_square_mlp_backward", mutates_args=())
+def _relu_square_grad_op(dout: torch.Tensor, w_proj: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    return _relu_square_matmul(dout, w_proj.t().contiguous(), post)  # d loss / d h, (N, H)
+
+
+@_relu_square_grad_op.register_fake
+def _(dout, w_proj, post):
+    return torch.empty_like(post)
+
+
+def _relu_square_mlp_setup(ctx, inputs, output):
+    x, w_fc, w_proj = inputs
+    ctx.save_for_backward(x, w_fc, w_proj, output[1])
+    ctx.set_materialize_grads(False)  # no zeros for post's "gradient"
+
+
+def _relu_square_mlp_backward(ctx, dout, _):
+    if dout is None:
+        return None, None, None
+    x, w_fc, w_proj, post = ctx.saved_tensors
+    dout = dout.contiguous()
+    dh = _relu_square_grad_op(dout, w_proj, post)
+    dx = dh @ w_fc if ctx.needs_input_grad[0] else None
+    dw_fc = dh.t() @ x if ctx.needs_input_grad[1] else None
+    dw_proj = dout.t() @ post if ctx.needs_input_grad[2] else None
+    return dx, dw_fc, dw_proj
+
+
+_relu_square_mlp_op.register_autograd(_relu_square_mlp_backward, setup_context=_relu_square_mlp_setup)
+
+
+def relu_square_mlp(x, w_fc, w_proj):
+    """`relu_square_mlp_plain(x, w_fc, w_proj)` without ReLU²'s own passes over memory.
+
+    The plain version writes c_fc's (B*T, 4C) output h, reads it to write ReLU(h)², and in
+    the backward reads h again beside the incoming gradient: each pass moves the widest
+    activation of the step. Here c_fc's matmul writes ReLU(h)² from its tile, and the
+    backward's matmul (the gradient into ReLU²) multiplies by the derivative from that
+    same saved output as it writes. Same shapes and dtype as the plain version.
+    """
+    H, C = w_fc.shape
+    if (not _use_kernels(x) or w_fc.device != x.device or w_proj.device != x.device or tuple(w_proj.shape) != (C, H)
+            or C % 8 or H % 8):  # TMA's rows must be 16-byte aligned
+        return relu_square_mlp_plain(x, w_fc, w_proj)
+    dtype = _compute_dtype(x)
+    out = _relu_square_mlp_op(x.reshape(-1, C).to(dtype).contiguous(), w_fc.to(dtype).contiguous(),
+                              w_proj.to(dtype).contiguous())[0]
+    return out.view(*x.shape[:-1], C)
 
 
 fused_kernels()  # at import: see its docstring

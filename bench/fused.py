@@ -1,7 +1,7 @@
 """
 The fused kernels against torch.compile's version of their plain definitions (CUDA only).
 
-    uv run bench/fused.py                     # both pieces at train.py's shapes
+    uv run bench/fused.py                     # the three pieces at train.py's shapes
     uv run bench/fused.py fused.json          # the same, figures also written as JSON
     bash bench/gpu.sh fused                   # the same, with a fresh Triton cache
 
@@ -9,8 +9,9 @@ For each piece of autoresearch/kernels.py, at train.py's default shapes:
   - the error of the fused kernel and of the compiled plain definition against the plain
     definition in float64 (forward and gradients, under bf16 autocast as in a run);
   - the median time of forward + backward;
-  - for the cross-entropy, the extra memory a call holds at its peak;
-  - the tile settings the kernels read at each call (ROTARY_ROWS; CE_CHUNK x CE_WARPS),
+  - for the cross-entropy and the MLP, the extra memory a call holds at its peak;
+  - the tile settings the kernels read at each call (ROTARY_ROWS; CE_CHUNK x CE_WARPS;
+    the MLP's tiles, group, stages and warps),
     each timed, so a new GPU can show whether another setting is faster.
 The plain definitions are what the tests pin the kernels to; this measures what the
 kernels buy. No data needed: random tensors.
@@ -144,6 +145,70 @@ def cross_entropy_figures(out):
             lambda: kernels.softcapped_cross_entropy(x, weight, targets, SOFTCAP), 10)
 
 
+def mlp_figures(out):
+    torch.manual_seed(2)
+    H = 4 * C
+    x = torch.randn(N, C, device="cuda").bfloat16().requires_grad_()                  # (N, C), as the norm gives it
+    w_fc = (torch.randn(H, C, device="cuda") * C**-0.5).requires_grad_()              # float32, as the weights are
+    w_proj = (torch.randn(C, H, device="cuda") * H**-0.5).requires_grad_()
+    grad = torch.randn(N, C, device="cuda").bfloat16()
+    compiled_plain = torch.compile(kernels.relu_square_mlp_plain, dynamic=False)
+    weights = (w_fc, w_proj)
+
+    n = 4096  # errors against float64 on the first n tokens
+    x64, w64 = x[:n].detach().double().requires_grad_(), [w.detach().double().requires_grad_() for w in weights]
+    (kernels.relu_square_mlp_plain(x64, *w64) * grad[:n].double()).sum().backward()
+    for name, fn in (("fused", kernels.relu_square_mlp), ("compiled_plain", compiled_plain)):
+        xs, ws = x[:n].detach().requires_grad_(), [w.detach().clone().requires_grad_() for w in weights]
+        with torch.autocast("cuda", torch.bfloat16):
+            y = fn(xs, *ws)
+        (y * grad[:n]).sum().backward()
+        y64 = kernels.relu_square_mlp_plain(x64, *w64)
+        out[f"mlp_error_{name}"] = dict(
+            forward=(y.double() - y64).abs().max().item(), forward_scale=y64.abs().max().item(),
+            **{f"d{k}": (a.grad.double() - b.grad).abs().max().item() / b.grad.abs().max().item()
+               for k, a, b in (("x", xs, x64), ("w_fc", ws[0], w64[0]), ("w_proj", ws[1], w64[1]))})
+
+    def step(fn):
+        def run():
+            x.grad = w_fc.grad = w_proj.grad = None
+            with torch.autocast("cuda", torch.bfloat16):
+                y = fn(x, w_fc, w_proj)
+            y.backward(grad)
+        return run
+
+    for name, fn in (("compiled_plain", compiled_plain), ("fused", kernels.relu_square_mlp)):
+        run = step(fn)
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        out[f"mlp_peak_extra_mib_{name}"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out[f"mlp_ms_{name}"] = median_ms(run, repeats=10)
+
+    # the forward's matmul alone: cuBLAS's plain matmul against the kernel's matmul with ReLU² in its tiles
+    xb, wb = x.detach(), w_fc.detach().bfloat16()
+    flops = 2 * N * C * H
+    out["mlp_tflops_cublas_matmul"] = flops / median_ms(lambda: xb @ wb.t()) / 1e9
+    saved = (kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_STAGES,
+             kernels.MLP_WARPS)
+    for tiles in ((128, 256, 64, 8, 4, 8), (128, 256, 64, 8, 3, 8), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 4, 8),
+                  (256, 128, 64, 8, 3, 8), (128, 256, 32, 8, 4, 8), (128, 256, 64, 16, 4, 8)):
+        (kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_STAGES,
+         kernels.MLP_WARPS) = tiles
+        key = "x".join(map(str, tiles))
+        try:
+            forward_ms = median_ms(lambda: kernels._relu_square_matmul(xb, wb))
+            out[f"mlp_tflops_kernel_forward_{key}"] = flops / forward_ms / 1e9
+            out[f"mlp_ms_fused_{key}"] = median_ms(step(kernels.relu_square_mlp), repeats=10)
+        except Exception as e:  # a tile the card's shared memory cannot hold
+            out[f"mlp_tiles_{key}"] = f"{type(e).__name__}: {str(e)[:200]}"
+    (kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_STAGES,
+     kernels.MLP_WARPS) = saved
+
+
 def main(json_path=None):
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device: the fused kernels run on a GPU")
@@ -154,6 +219,7 @@ def main(json_path=None):
     out = {}
     rotary_norm_figures(out)
     cross_entropy_figures(out)
+    mlp_figures(out)
     print(json.dumps(out, indent=1))
     if json_path:
         with open(json_path, "w") as f:

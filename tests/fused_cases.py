@@ -120,6 +120,42 @@ def out_of_vocabulary_case(device, dtype, N, C, V, cap, target, seed=0):
                 others_finite=bool(losses[1:].isfinite().all()))
 
 
+def mlp_case(device, dtype, B, T, C, blocks=None, group=None, seed=0):
+    """relu_square_mlp against relu_square_mlp_plain: output and the gradients of x and both
+    weights, and the no-grad (evaluation) output. `blocks` (M, N, K) smaller than the
+    matrices take several tiles with ragged edges; `group` row tiles walk the columns together."""
+    saved = kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M
+    kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K = blocks or saved[:3]
+    kernels.MLP_GROUP_M = group or saved[3]
+    try:
+        return _mlp_case(device, dtype, B, T, C, seed)
+    finally:
+        kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M = saved
+
+
+def _mlp_case(device, dtype, B, T, C, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g).to(device, dtype)
+    w_fc = (torch.randn(4 * C, C, generator=g) / C**0.5).to(device, dtype)
+    w_proj = (torch.randn(C, 4 * C, generator=g) / (4 * C) ** 0.5).to(device, dtype)
+    upstream = torch.randn(B, T, C, generator=g).to(device, dtype)
+    results = []
+    for f in (kernels.relu_square_mlp, kernels.relu_square_mlp_plain):
+        inputs = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
+        with KernelLaunches() as launches:
+            y = f(*inputs)
+            y.backward(upstream)
+        results.append((y, *(t.grad for t in inputs), launches.counts["relu_square_matmul"]))
+    (y, dx, dw_fc, dw_proj, launched), (y0, dx0, dw_fc0, dw_proj0, _) = results
+    with torch.no_grad(), KernelLaunches() as launches:
+        y_nograd = kernels.relu_square_mlp(x, w_fc, w_proj)
+    grads = ((dx, dx0), (dw_fc, dw_fc0), (dw_proj, dw_proj0))
+    return dict(fused=launched == 2 and launches.counts["relu_square_matmul"] == 1,  # forward, backward; no-grad
+                dtype_same=y.dtype == y0.dtype, forward=max(_max_diff(y, y0), _max_diff(y_nograd, y0)),
+                forward_scale=y0.abs().max().item(), backward=max(_max_diff(a, b) / b.abs().max().item()
+                                                                  for a, b in grads))
+
+
 # (name, function, kwargs): small shapes with the awkward edges the kernels must handle
 CASES = [
     ("rotary_fp32", rotary_case, dict(dtype=torch.float32, B=2, T=5, H=3, D=8)),
@@ -143,6 +179,11 @@ CASES = [
     ("ce_fp32_negative_target", out_of_vocabulary_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
                                                              target=-100)),
     ("ce_bf16", cross_entropy_case, dict(dtype=torch.bfloat16, N=8, C=32, V=100, cap=15.0, ignored=(5,))),
+    # 50 rows in tiles of 16 (the last one ragged), 64 columns in 2, K in 2 steps, 4 row tiles in groups of 3
+    ("mlp_fp32_ragged_tiles", mlp_case, dict(dtype=torch.float32, B=2, T=25, C=16, blocks=(16, 32, 8), group=3)),
+    ("mlp_fp32_one_tile", mlp_case, dict(dtype=torch.float32, B=1, T=9, C=8)),  # the default tiles, mostly outside
+    ("mlp_bf16", mlp_case, dict(dtype=torch.bfloat16, B=2, T=12, C=32, blocks=(16, 64, 16), group=2)),
+    ("mlp_fp32_unaligned_width", mlp_case, dict(dtype=torch.float32, B=1, T=5, C=12)),  # rows not 16-byte aligned
 ]
 
 
@@ -160,28 +201,32 @@ def compiled_whole(device):
     angles = torch.randn(T, D // 2, generator=g)
     cos, sin = (a.to(device)[None, :, None, :] for a in (angles.cos(), angles.sin()))
     weight = torch.randn(V, H * D, generator=g).to(device).requires_grad_()
+    w_fc = (torch.randn(4 * H * D, H * D, generator=g) / (H * D) ** 0.5).to(device).requires_grad_()
+    w_proj = (torch.randn(H * D, 4 * H * D, generator=g) / (4 * H * D) ** 0.5).to(device).requires_grad_()
     targets = torch.randint(0, V, (B, T), generator=g).to(device)
 
-    def loss(x, weight):
+    def loss(x, weight, w_fc, w_proj):
         h = kernels.rotary_norm(x, cos, sin).reshape(B, T, H * D)
+        h = h + kernels.relu_square_mlp(h, w_fc, w_proj)
         return kernels.softcapped_cross_entropy(h, weight, targets, 15.0).mean()
 
-    def plain(x, weight):
+    def plain(x, weight, w_fc, w_proj):
         h = kernels.rotary_norm_plain(x, cos, sin).reshape(B, T, H * D)
+        h = h + kernels.relu_square_mlp_plain(h, w_fc, w_proj)
         return kernels.softcapped_cross_entropy_plain(h, weight, targets, 15.0).mean()
 
     results = []
     for f in (torch.compile(loss, backend="aot_eager", fullgraph=True), plain):
         with KernelLaunches() as launches:
-            value = f(x, weight)
-            dx, dw = torch.autograd.grad(value, (x, weight))
-        results.append((value, dx, dw, launches.counts))
-    (v, dx, dw, launches), (v0, dx0, dw0, launches0) = results
-    return dict(loss=_max_diff(v, v0), dx=_max_diff(dx, dx0), dw=_max_diff(dw, dw0), launches=launches,
-                launches_plain=sum(launches0.values()))
+            value = f(x, weight, w_fc, w_proj)
+            grads = torch.autograd.grad(value, (x, weight, w_fc, w_proj))
+        results.append((value, grads, launches.counts))
+    (v, grads, launches), (v0, grads0, launches0) = results
+    return dict(loss=_max_diff(v, v0), grads=max(_max_diff(a, b) for a, b in zip(grads, grads0)),
+                launches=launches, launches_plain=sum(launches0.values()))
 
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (Triton's CPU interpreter)"
-    print(json.dumps(dict(fused_line=kernels.fused_line("cpu"), cases=run_cases("cpu"),
-                          compiled=compiled_whole("cpu"))))
+    cases, compiled = run_cases("cpu"), compiled_whole("cpu")
+    print(json.dumps(dict(fused_line=kernels.fused_line("cpu"), cases=cases, compiled=compiled)))

@@ -1,7 +1,8 @@
 """
-Tests for autoresearch/kernels.py's fused pieces (rotary_norm, softcapped_cross_entropy): each is
-pinned to its plain PyTorch definition, forward and gradients, on a CPU through
-Triton's interpreter and, on a CUDA machine, on the GPU and inside torch.compile.
+Tests for autoresearch/kernels.py's fused pieces (rotary_norm, softcapped_cross_entropy,
+relu_square_mlp): each is pinned to its plain PyTorch definition, forward and gradients,
+on a CPU through Triton's interpreter and, on a CUDA machine, on the GPU and inside
+torch.compile.
 Also the one decision (kernels or plain) and its switch.
 
     uv run pytest tests/test_fused.py          # ~15 s on a CPU
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from autoresearch import kernels
-from fused_cases import CASES, KernelLaunches, compiled_whole, cross_entropy_case, rotary_case, run_cases
+from fused_cases import CASES, KernelLaunches, compiled_whole, cross_entropy_case, mlp_case, rotary_case, run_cases
 
 REPO = Path(__file__).resolve().parent.parent
 CASE_NAMES = [name for name, _, _ in CASES]
@@ -27,13 +29,20 @@ pytest.importorskip("triton", reason="the fused kernels are Triton kernels")
 
 def check_case(name, case):
     """Fused equals plain: to float32 rounding in float32, to bf16 rounding in bf16."""
+    if "unaligned" in name:  # outside what the kernel covers: the plain version, exactly
+        assert not case["fused"] and case["forward"] == 0.0 and case["backward"] == 0.0, (name, case)
+        return
     assert case["fused"], f"{name}: the fused kernel did not run (the plain version would pass trivially)"
     if "out_of_vocabulary" in name or "negative_target" in name:
         assert case["first_is_nan"] and case["others_finite"], (name, case)
         return
     assert case["dtype_same"], f"{name}: the fused piece returns another dtype than the plain one"
     bf16 = "bf16" in name
-    if name.startswith("rotary"):
+    if name.startswith("mlp"):
+        tolerance = 2**-6 if bf16 else 1e-5  # a few bf16 ulp (each side rounds h, ReLU², the gradients)
+        assert case["forward"] <= tolerance * case["forward_scale"], (name, case)
+        assert case["backward"] <= tolerance, (name, case)  # each gradient's error over its own largest value
+    elif name.startswith("rotary"):
         tolerance = 2**-6 if bf16 else 1e-6  # a few bf16 ulp; float32 rounding
         assert case["forward"] <= tolerance * case["forward_scale"], (name, case)
         assert case["backward"] <= tolerance * case["scale"], (name, case)
@@ -63,17 +72,17 @@ def test_kernel_matches_plain_in_the_interpreter(interpreted, name):
 
 @pytest.mark.slow
 def test_interpreter_run_announces_the_kernels(interpreted):
-    assert interpreted["fused_line"] == "rotary_norm, softcapped_cross_entropy (Triton kernels)"
+    assert interpreted["fused_line"] == "rotary_norm, softcapped_cross_entropy, relu_square_mlp (Triton kernels)"
 
 
 @pytest.mark.slow
-def test_both_pieces_compile_as_one_graph(interpreted):
+def test_the_pieces_compile_as_one_graph(interpreted):
     """The decision is made at import, so torch.compile traces no decision code and the
     model's graph is not split at each piece (fullgraph=True would raise); the compiled
-    function launches all four kernels and equals the plain definitions."""
+    function launches all five kernels and equals the plain definitions."""
     compiled = interpreted["compiled"]
     assert all(n >= 1 for n in compiled["launches"].values()) and compiled["launches_plain"] == 0, compiled
-    assert max(compiled["loss"], compiled["dx"], compiled["dw"]) < 1e-5, compiled
+    assert max(compiled["loss"], compiled["grads"]) < 1e-5, compiled
 
 
 @pytest.mark.slow
@@ -102,6 +111,30 @@ def test_the_pin_catches_a_wrong_cap(monkeypatch):
     wrong["fused"] = True  # as if a kernel had produced it
     with pytest.raises(AssertionError):
         check_case("ce_fp32", wrong)
+
+
+def test_the_pin_catches_a_wrong_derivative(monkeypatch):
+    """And for the MLP: a forward that is ReLU² but whose gradient is ReLU(h), not 2·ReLU(h), fails it."""
+    def wrong(x, w_fc, w_proj):
+        r = F.relu(F.linear(x, w_fc))
+        return F.linear(r * r.detach(), w_proj)
+    monkeypatch.setattr(kernels, "relu_square_mlp", wrong)
+    wrong_case = mlp_case("cpu", torch.float32, B=1, T=6, C=8)
+    assert wrong_case["forward"] < 1e-6  # the forward is right: only the gradient can fail it
+    wrong_case["fused"] = True  # as if a kernel had produced it
+    with pytest.raises(AssertionError):
+        check_case("mlp_fp32", wrong_case)
+
+
+def test_fused_line_names_a_piece_that_did_not_run_as_a_kernel(monkeypatch):
+    """An MLP written out in train.py (another activation) never calls relu_square_mlp: the
+    line must not claim its kernel, and must say that it ran as plain PyTorch."""
+    monkeypatch.setattr(kernels, "_fused", (True, "Triton kernels"))
+    monkeypatch.setattr(kernels, "_ran", {"softcapped_cross_entropy", "rotary_norm"})
+    assert kernels.fused_line("cuda") == ("rotary_norm, softcapped_cross_entropy (Triton kernels); "
+                                          "plain PyTorch: relu_square_mlp (not called as a kernel)")
+    monkeypatch.setattr(kernels, "_ran", set(kernels.PIECES))
+    assert kernels.fused_line("cuda") == "rotary_norm, softcapped_cross_entropy, relu_square_mlp (Triton kernels)"
 
 
 # =============================================================================
@@ -155,7 +188,7 @@ def test_kernels_match_plain_on_the_gpu():
         check_case(name, case)
     compiled = compiled_whole("cuda")
     assert all(n >= 1 for n in compiled["launches"].values()) and compiled["launches_plain"] == 0, compiled
-    assert max(compiled["loss"], compiled["dx"], compiled["dw"]) < 1e-4, compiled
+    assert max(compiled["loss"], compiled["grads"]) < 1e-4, compiled
 
 
 @cuda
@@ -189,3 +222,28 @@ def test_kernels_at_train_shapes_under_autocast_and_compile():
     assert abs(v.item() - v0.item()) < 2e-3
     assert (dx.float() - dx0.float()).abs().max() <= 2**-6 * dx0.abs().max()
     assert (dw.float() - dw0.float()).abs().max() <= 2**-6 * dw0.abs().max()
+
+
+@cuda
+def test_mlp_at_train_shapes_under_autocast_and_compile():
+    """The MLP at train.py's width (a sixteenth of its rows), float32 weights under autocast,
+    inside torch.compile: both kernels run, and the numbers stay the plain version's."""
+    torch.manual_seed(0)
+    N, C = 16 * 2048, 512
+    x = torch.randn(N, C, device="cuda", dtype=torch.bfloat16)
+    w_fc = torch.randn(4 * C, C, device="cuda") * C**-0.5
+    w_proj = torch.randn(C, 4 * C, device="cuda") * (4 * C) ** -0.5
+    upstream = torch.randn(N, C, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for mlp, compiled in ((kernels.relu_square_mlp, True), (kernels.relu_square_mlp_plain, False)):
+        f = torch.compile(mlp, dynamic=False) if compiled else mlp
+        inputs = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
+        with KernelLaunches() as launches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = f(*inputs)
+            y.backward(upstream)
+        assert (launches.counts["relu_square_matmul"] == 2) == compiled, launches.counts
+        results.append((y, *(t.grad for t in inputs)))
+    for fused, plain in zip(*results):
+        assert fused.dtype == plain.dtype
+        assert (fused.float() - plain.float()).abs().max() <= 2**-6 * plain.abs().max()
