@@ -478,6 +478,16 @@ def _relu_square_mlp_backward(ctx, dout, _):
 _relu_square_mlp_op.register_autograd(_relu_square_mlp_backward, setup_context=_relu_square_mlp_setup)
 
 
+@torch._dynamo.assume_constant_result  # asked once while compiling, then a constant of the graph
+def _mlp_tiles_fit(device_index):
+    """The MLP's kernel loads its tiles by TMA (compute capability 9 or more) into ~200 KiB of
+    shared memory, which Hopper and datacenter Blackwell have (227 KiB); elsewhere, plain."""
+    if _interpret:
+        return True
+    props = torch.cuda.get_device_properties(device_index)
+    return props.major >= 9 and getattr(props, "shared_memory_per_block_optin", 0) >= 200 * 1024
+
+
 def relu_square_mlp(x, w_fc, w_proj):
     """`relu_square_mlp_plain(x, w_fc, w_proj)` without ReLU²'s own passes over memory.
 
@@ -489,7 +499,7 @@ def relu_square_mlp(x, w_fc, w_proj):
     """
     H, C = w_fc.shape
     if (not _use_kernels(x) or w_fc.device != x.device or w_proj.device != x.device or tuple(w_proj.shape) != (C, H)
-            or C % 8 or H % 8):  # TMA's rows must be 16-byte aligned
+            or C % 8 or H % 8 or not _mlp_tiles_fit(x.device.index)):  # TMA's rows must be 16-byte aligned
         return relu_square_mlp_plain(x, w_fc, w_proj)
     dtype = _compute_dtype(x)
     out = _relu_square_mlp_op(x.reshape(-1, C).to(dtype).contiguous(), w_fc.to(dtype).contiguous(),
