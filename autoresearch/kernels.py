@@ -417,6 +417,19 @@ MLP_STAGES = 3    # tiles of a and b in flight: 3 x 48 KiB of shared memory, wit
 MLP_WARPS = 8
 
 
+_tiles_fit = {}  # device -> whether the MLP kernel's tiles fit its shared memory
+
+
+def _mlp_tiles_fit(device):
+    """The MLP's kernel loads its tiles by TMA (compute capability 9 or more) into ~200 KiB of
+    shared memory, which Hopper and datacenter Blackwell have (227 KiB). Asked inside the ops
+    (and their fakes), which torch.compile never traces, so no compiled graph holds the question."""
+    if device not in _tiles_fit:
+        props = None if _interpret else torch.cuda.get_device_properties(device)
+        _tiles_fit[device] = props is None or (props.major >= 9 and props.shared_memory_per_block_optin >= 200 * 1024)
+    return _tiles_fit[device]
+
+
 def _relu_square_matmul(a, b, post=None):
     """ReLU(a @ bᵀ)², or with `post` the backward's (a @ bᵀ) · 2·sqrt(post). a: (M, K), b: (N, K)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -436,20 +449,26 @@ def _relu_square_matmul(a, b, post=None):
 
 @torch.library.custom_op("autoresearch::relu_square_mlp", mutates_args=())
 def _relu_square_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _ran.add("relu_square_mlp")
-    post = _relu_square_matmul(x, w_fc)  # (N, H): ReLU(x @ w_fcᵀ)², the only (N, H) tensor kept
+    if _mlp_tiles_fit(x.device):
+        _ran.add("relu_square_mlp")
+        post = _relu_square_matmul(x, w_fc)  # (N, H): ReLU(x @ w_fcᵀ)², the only (N, H) tensor kept
+    else:  # a GPU the tiles do not fit: the same values, by PyTorch's matmul and two passes in place
+        post = torch.relu_(x @ w_fc.t()).square_()
     return post @ w_proj.t(), post
 
 
 @_relu_square_mlp_op.register_fake
 def _(x, w_fc, w_proj):
-    _ran.add("relu_square_mlp")
+    if _mlp_tiles_fit(x.device):
+        _ran.add("relu_square_mlp")
     return x.new_empty(x.size(0), w_proj.size(0)), x.new_empty(x.size(0), w_fc.size(0))
 
 
 @torch.library.custom_op("autoresearch::relu_square_mlp_backward", mutates_args=())
 def _relu_square_grad_op(dout: torch.Tensor, w_proj: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
-    return _relu_square_matmul(dout, w_proj.t().contiguous(), post)  # d loss / d h, (N, H)
+    if _mlp_tiles_fit(dout.device):
+        return _relu_square_matmul(dout, w_proj.t().contiguous(), post)  # d loss / d h, (N, H)
+    return (dout @ w_proj).mul_(post.sqrt().mul_(2))
 
 
 @_relu_square_grad_op.register_fake
@@ -478,16 +497,6 @@ def _relu_square_mlp_backward(ctx, dout, _):
 _relu_square_mlp_op.register_autograd(_relu_square_mlp_backward, setup_context=_relu_square_mlp_setup)
 
 
-@torch._dynamo.assume_constant_result  # asked once while compiling, then a constant of the graph
-def _mlp_tiles_fit(device_index):
-    """The MLP's kernel loads its tiles by TMA (compute capability 9 or more) into ~200 KiB of
-    shared memory, which Hopper and datacenter Blackwell have (227 KiB); elsewhere, plain."""
-    if _interpret:
-        return True
-    props = torch.cuda.get_device_properties(device_index)
-    return props.major >= 9 and getattr(props, "shared_memory_per_block_optin", 0) >= 200 * 1024
-
-
 def relu_square_mlp(x, w_fc, w_proj):
     """`relu_square_mlp_plain(x, w_fc, w_proj)` without ReLU²'s own passes over memory.
 
@@ -499,7 +508,7 @@ def relu_square_mlp(x, w_fc, w_proj):
     """
     H, C = w_fc.shape
     if (not _use_kernels(x) or w_fc.device != x.device or w_proj.device != x.device or tuple(w_proj.shape) != (C, H)
-            or C % 8 or H % 8 or not _mlp_tiles_fit(x.device.index)):  # TMA's rows must be 16-byte aligned
+            or C % 8 or H % 8):  # TMA's rows must be 16-byte aligned
         return relu_square_mlp_plain(x, w_fc, w_proj)
     dtype = _compute_dtype(x)
     out = _relu_square_mlp_op(x.reshape(-1, C).to(dtype).contiguous(), w_fc.to(dtype).contiguous(),

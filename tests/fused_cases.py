@@ -120,17 +120,21 @@ def out_of_vocabulary_case(device, dtype, N, C, V, cap, target, seed=0):
                 others_finite=bool(losses[1:].isfinite().all()))
 
 
-def mlp_case(device, dtype, B, T, C, blocks=None, group=None, seed=0):
+def mlp_case(device, dtype, B, T, C, blocks=None, group=None, tiles_fit=True, seed=0):
     """relu_square_mlp against relu_square_mlp_plain: output and the gradients of x and both
     weights, and the no-grad (evaluation) output. `blocks` (M, N, K) smaller than the
-    matrices take several tiles with ragged edges; `group` row tiles walk the columns together."""
+    matrices take several tiles with ragged edges; `group` row tiles walk the columns together;
+    `tiles_fit` False is a GPU whose shared memory the tiles do not fit (the ops' PyTorch path)."""
     saved = kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M
     kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K = blocks or saved[:3]
     kernels.MLP_GROUP_M = group or saved[3]
+    if not tiles_fit:
+        kernels._tiles_fit[torch.device(device)] = False
     try:
         return _mlp_case(device, dtype, B, T, C, seed)
     finally:
         kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M = saved
+        kernels._tiles_fit.pop(torch.device(device), None)
 
 
 def _mlp_case(device, dtype, B, T, C, seed):
@@ -184,6 +188,7 @@ CASES = [
     ("mlp_fp32_one_tile", mlp_case, dict(dtype=torch.float32, B=1, T=9, C=8)),  # the default tiles, mostly outside
     ("mlp_bf16", mlp_case, dict(dtype=torch.bfloat16, B=2, T=12, C=32, blocks=(16, 64, 16), group=2)),
     ("mlp_fp32_unaligned_width", mlp_case, dict(dtype=torch.float32, B=1, T=5, C=12)),  # rows not 16-byte aligned
+    ("mlp_fp32_tiles_do_not_fit", mlp_case, dict(dtype=torch.float32, B=2, T=7, C=16, tiles_fit=False)),
 ]
 
 

@@ -32,6 +32,9 @@ def check_case(name, case):
     if "unaligned" in name:  # outside what the kernel covers: the plain version, exactly
         assert not case["fused"] and case["forward"] == 0.0 and case["backward"] == 0.0, (name, case)
         return
+    if "do_not_fit" in name:  # the op without its kernel: the same values by PyTorch's own ops
+        assert not case["fused"] and case["forward"] <= 1e-5 * case["forward_scale"] and case["backward"] <= 1e-5
+        return
     assert case["fused"], f"{name}: the fused kernel did not run (the plain version would pass trivially)"
     if "out_of_vocabulary" in name or "negative_target" in name:
         assert case["first_is_nan"] and case["others_finite"], (name, case)
