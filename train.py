@@ -29,8 +29,8 @@ from autoresearch import gpu, guards, kernels, report, seeding  # gpu first: it 
 from autoresearch.attention import prepare_attention, select_attention
 from constants import MAX_SEQ_LEN, SMOKE, SMOKE_STEPS, TIME_BUDGET, UNTIMED_STEPS
 from prepare import Tokenizer, check_evaluation, evaluate_bpb, make_dataloader, verify_data
-# the model's pieces, each replaceable here; on CUDA they run as fused kernels, whose plain PyTorch
-# definitions open autoresearch/kernels.py (read those lines, not the kernels)
+# the model's pieces, each replaceable here; on CUDA they run as fused kernels where those apply (the `fused:`
+# line says which), with plain PyTorch definitions opening autoresearch/kernels.py (read those, not the kernels)
 from autoresearch.attention import attention  # causal sliding-window attention
 from autoresearch.kernels import rotary_norm  # rotary embedding, then RMSNorm per head (QK-norm)
 from autoresearch.kernels import softcapped_cross_entropy, softcapped_logits  # lm_head, cap·tanh(logits/cap), CE

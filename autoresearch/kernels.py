@@ -226,7 +226,7 @@ def _triton_kernels():
 
     @triton.jit
     def relu_square_matmul(a_desc, b_desc, out_desc, post_desc, M, N, K: tl.constexpr, BACKWARD: tl.constexpr,
-                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # out = a @ bᵀ (a: M x K, b: N x K), then in the same tile: forward, out = ReLU(out)²;
         # backward, out · 2·sqrt(post), ReLU²'s derivative 2·ReLU(h) read from its saved output
@@ -246,7 +246,7 @@ def _triton_kernels():
             b = b_desc.load([n, k])
             if UPCAST:  # Triton's CPU interpreter multiplies 16-bit tiles wrongly (numpy has no bfloat16)
                 a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b.T, acc)
+            acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
         if BACKWARD:
             acc = acc * 2.0 * tl.sqrt(post_desc.load([m, n]).to(tl.float32))
         else:
@@ -413,7 +413,7 @@ def softcapped_cross_entropy(x, weight, targets, cap):
 # Tiles of relu_square_matmul, read at every call (bench/fused.py times the alternatives)
 MLP_BLOCK_M, MLP_BLOCK_N, MLP_BLOCK_K = 128, 256, 64
 MLP_GROUP_M = 8   # row tiles that walk the columns together (L2 reuse of the weight's tiles)
-MLP_STAGES = 3    # tiles of a and b in flight: 3 x 48 KiB of shared memory, with room for the epilogue's
+MLP_STAGES = 3    # tiles of a and b in flight: 3 x 48 KiB of shared memory (bf16), the rest for the epilogue
 MLP_WARPS = 8
 
 
@@ -430,19 +430,31 @@ def _mlp_tiles_fit(device):
     return _tiles_fit[device]
 
 
+def _aligned(t):
+    """t, or a copy where its data does not start on 16 bytes, as TMA needs (a view into a larger tensor)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _relu_square_matmul(a, b, post=None):
     """ReLU(a @ bᵀ)², or with `post` the backward's (a @ bᵀ) · 2·sqrt(post). a: (M, K), b: (N, K)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     M, K = a.shape
     N = b.size(0)
+    backward = post is not None
     out = a.new_empty(M, N)
-    bm, bn, bk = MLP_BLOCK_M, MLP_BLOCK_N, min(MLP_BLOCK_K, K)
+    # float32 tiles are twice the bytes: half the K-step keeps them in shared memory. K is at least
+    # 16 (the tensor cores' smallest step) and a power of 2; TMA reads zeros past the matrix's edge.
+    bk = min(MLP_BLOCK_K // (a.element_size() // 2), max(16, 1 << (K - 1).bit_length()))
+    bm, bn = MLP_BLOCK_M, MLP_BLOCK_N
     grid = (-(-M // bm) * -(-N // bn),)
-    post = out if post is None else post  # forward: a placeholder the kernel never reads
+    a, b = _aligned(a), _aligned(b)
+    post = _aligned(post) if backward else out  # forward: a placeholder the kernel never reads
+    # float32 multiplies as the plain version's matmul would: TF32 unless the run asked for "highest"
+    precision = "ieee" if a.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
     _triton_kernels()["relu_square_matmul"][grid](
         TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
         TensorDescriptor.from_tensor(out, [bm, bn]), TensorDescriptor.from_tensor(post, [bm, bn]),
-        M, N, K=K, BACKWARD=post is not out, UPCAST=_interpret and a.element_size() < 4,
+        M, N, K=K, BACKWARD=backward, UPCAST=_interpret and a.element_size() < 4, PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
     return out
 
@@ -487,9 +499,11 @@ def _relu_square_mlp_backward(ctx, dout, _):
         return None, None, None
     x, w_fc, w_proj, post = ctx.saved_tensors
     dout = dout.contiguous()
-    dh = _relu_square_grad_op(dout, w_proj, post)
-    dx = dh @ w_fc if ctx.needs_input_grad[0] else None
-    dw_fc = dh.t() @ x if ctx.needs_input_grad[1] else None
+    dx = dw_fc = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        dh = _relu_square_grad_op(dout, w_proj, post)
+        dx = dh @ w_fc if ctx.needs_input_grad[0] else None
+        dw_fc = dh.t() @ x if ctx.needs_input_grad[1] else None
     dw_proj = dout.t() @ post if ctx.needs_input_grad[2] else None
     return dx, dw_fc, dw_proj
 
@@ -507,10 +521,12 @@ def relu_square_mlp(x, w_fc, w_proj):
     same saved output as it writes. Same shapes and dtype as the plain version.
     """
     H, C = w_fc.shape
-    if (not _use_kernels(x) or w_fc.device != x.device or w_proj.device != x.device or tuple(w_proj.shape) != (C, H)
-            or C % 8 or H % 8):  # TMA's rows must be 16-byte aligned
-        return relu_square_mlp_plain(x, w_fc, w_proj)
     dtype = _compute_dtype(x)
+    if (not _use_kernels(x) or w_fc.device != x.device or w_proj.device != x.device or tuple(w_proj.shape) != (C, H)
+            or C % 8 or H % 8  # TMA's rows must start 16 bytes apart
+            or x.numel() == 0 or dtype not in (torch.bfloat16, torch.float32)  # float16: sqrt(post) under/overflows
+            or (not torch.is_autocast_enabled(x.device.type) and not x.dtype == w_fc.dtype == w_proj.dtype)):
+        return relu_square_mlp_plain(x, w_fc, w_proj)  # the definition, as written (mixed dtypes raise there)
     out = _relu_square_mlp_op(x.reshape(-1, C).to(dtype).contiguous(), w_fc.to(dtype).contiguous(),
                               w_proj.to(dtype).contiguous())[0]
     return out.view(*x.shape[:-1], C)

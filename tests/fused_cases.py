@@ -183,9 +183,12 @@ CASES = [
     ("ce_fp32_negative_target", out_of_vocabulary_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
                                                              target=-100)),
     ("ce_bf16", cross_entropy_case, dict(dtype=torch.bfloat16, N=8, C=32, V=100, cap=15.0, ignored=(5,))),
-    # 50 rows in tiles of 16 (the last one ragged), 64 columns in 2, K in 2 steps, 4 row tiles in groups of 3
-    ("mlp_fp32_ragged_tiles", mlp_case, dict(dtype=torch.float32, B=2, T=25, C=16, blocks=(16, 32, 8), group=3)),
-    ("mlp_fp32_one_tile", mlp_case, dict(dtype=torch.float32, B=1, T=9, C=8)),  # the default tiles, mostly outside
+    # 50 rows in tiles of 16 (the last one ragged), 128 columns in 4, K in 2 steps, 4 row tiles in groups of 3
+    ("mlp_fp32_ragged_tiles", mlp_case, dict(dtype=torch.float32, B=2, T=25, C=32, blocks=(16, 32, 16), group=3)),
+    # K = 24 in steps of 16 (the last one ragged); 96 columns in tiles of 64 (the last one ragged)
+    ("mlp_fp32_ragged_k_and_columns", mlp_case, dict(dtype=torch.float32, B=1, T=37, C=24, blocks=(16, 64, 16),
+                                                     group=2)),
+    ("mlp_fp32_one_tile", mlp_case, dict(dtype=torch.float32, B=1, T=9, C=16)),  # the default tiles, mostly outside
     ("mlp_bf16", mlp_case, dict(dtype=torch.bfloat16, B=2, T=12, C=32, blocks=(16, 64, 16), group=2)),
     ("mlp_fp32_unaligned_width", mlp_case, dict(dtype=torch.float32, B=1, T=5, C=12)),  # rows not 16-byte aligned
     ("mlp_fp32_tiles_do_not_fit", mlp_case, dict(dtype=torch.float32, B=2, T=7, C=16, tiles_fit=False)),
