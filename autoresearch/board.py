@@ -65,9 +65,10 @@ DEFAULT_SEED = 42           # train.py's AUTORESEARCH_SEED when unset
 # The keep rule's one number (program.md; analysis.py and the adopt rule use it). Measured on an H100
 # before common random numbers (issue 24, 120 s budgets): the same code twice 0.0007 apart, other
 # seeds up to 0.0086 apart (0.0056 at 300 s). A gain three rerun differences wide is unlikely to be
-# chance at one seed; a smaller one is confirmed at a second seed. With common random numbers (60 s
-# budgets): a rerun 0.00015 apart, but DEPTH 8 -> 9 lost by 0.0785 at one seed and 0.1506 at another:
-# a paired run gets an architectural edit's sign right, not its size (docs/agents.md).
+# chance at one seed; a smaller one is confirmed at a second seed. With common random numbers (H200,
+# 120 s): a rerun 0.0005 apart, seeds up to 0.0064 apart, and DEPTH 8 -> 9 lost by 0.0223 at one seed
+# and 0.0298 at another: a paired run gets an architectural edit's sign right, not its size
+# (docs/agents.md).
 RERUN_NOISE = 0.0007        # val_bpb between two runs of the same code at one seed
 CONFIRM_FACTOR = 3          # a gain this many rerun noises wide is kept without confirming
 CONFIRM_THRESHOLD = 0.002   # CONFIRM_FACTOR * RERUN_NOISE, rounded: larger gains are kept at once
