@@ -114,8 +114,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        # c_proj(ReLU(c_fc(x))²). Another activation: write the MLP out, e.g.
-        # self.c_proj(F.gelu(self.c_fc(x))), and it runs as plain PyTorch (the `fused:` line says so)
+        # c_proj(ReLU(c_fc(x))²), from the layers' weights only. Another activation, a bias or another
+        # layer: write the MLP out, e.g. self.c_proj(F.gelu(self.c_fc(x))), and it runs as plain PyTorch
         return relu_square_mlp(x, self.c_fc.weight, self.c_proj.weight)
 
 
@@ -581,6 +581,7 @@ def main():
         model, optimizer = build_model(config, device, seed)
         init_fingerprint = seeding.weights_fingerprint(model)
         prepare_attention(config, model.window_sizes, device)  # flex block masks or the FA4 probe, before compile
+        kernels.prepare(device)  # which fused kernels this GPU takes, before compile
         if use_cuda:
             # one compiled graph for the loss: training takes its mean, evaluation its per-token values
             model.losses = torch.compile(model.losses, dynamic=False)

@@ -11,8 +11,10 @@ compute the same in fewer passes over memory. DO NOT MODIFY.
 Read this file down to the banner "Below: the kernels": what is above it, the plain
 definitions, is what the model computes. Below it is machinery an experiment need not
 read: the Triton kernels as custom ops, pinned to the plain definitions by the tests,
-and the one decision `fused_kernels()` (kernels or plain), made once, at import. The
-plain versions run where the kernels cannot (a CPU, no Triton, AUTORESEARCH_FUSED=0).
+and the decisions: `fused_kernels()` (kernels or plain), made once, at import, and
+`prepare(device)` (which kernels the GPU takes), before compile. The plain versions run
+where the kernels cannot (a CPU, no Triton, AUTORESEARCH_FUSED=0, a GPU or shape a
+kernel does not cover).
 train.py imports the pieces and may replace any of them with its own; this module
 imports only autoresearch.environment of the project.
 """
@@ -68,6 +70,8 @@ _interpret = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpret
 _kernels = {}   # name -> Triton kernel, defined on first use (importing Triton takes a while)
 PIECES = ("rotary_norm", "softcapped_cross_entropy", "relu_square_mlp")
 _ran = set()    # the pieces that ran as kernels: recorded by each op, and by its fake when compile traces it
+_plain_why = {}  # piece -> why it ran as plain PyTorch where train.py called it (the GPU, not the code)
+_mlp_fits = None  # whether the MLP kernel's tiles fit the run's GPU: set by prepare(), before compile
 _tanh = None    # the kernels' tanh, a Triton function: a module global, where Triton looks helpers up
 
 
@@ -89,19 +93,33 @@ def fused_kernels():
     return _fused
 
 
+def prepare(device):
+    """Decide, before torch.compile sees the model, which kernels the run's device takes.
+
+    The MLP's kernel needs TMA and ~200 KiB of shared memory per block; on a GPU without
+    them `relu_square_mlp` runs its plain definition, which compile fuses as it always has.
+    Asked here, once, so that no compiled graph traces the question."""
+    global _mlp_fits
+    device = torch.device(device)
+    if device.type == "cuda" or _interpret:  # a CPU without the interpreter runs no kernel anyway
+        _mlp_fits = _mlp_tiles_fit(device)
+        if not _mlp_fits:
+            _plain_why["relu_square_mlp"] = "this GPU: its kernel needs TMA and 200 KiB of shared memory"
+
+
 def fused_line(device):
     """The `fused:` identity line for a run on `device`, once the model has run: which pieces
-    ran as kernels, which did not (train.py computes them its own way, or calls them where
-    their kernels do not apply), or why none can."""
+    ran as kernels, which ran as plain PyTorch and why (the GPU, or train.py computes them its
+    own way or where their kernels do not apply), or why none can."""
     on, why = fused_kernels()
     if on and torch.device(device).type != "cuda" and not _interpret:
         on, why = False, "no CUDA device"
     if not on:
         return f"none, plain PyTorch ({why})"
     ran = [piece for piece in PIECES if piece in _ran]
-    line = f"{', '.join(ran) or 'none'} ({why})"
-    plain = [piece for piece in PIECES if piece not in _ran]
-    return line + (f"; plain PyTorch: {', '.join(plain)} (not called as a kernel)" if plain else "")
+    plain = [f"{piece} ({_plain_why.get(piece, 'not called as a kernel')})" for piece in PIECES if piece not in _ran]
+    line = f"{', '.join(ran)} ({why})" if ran else "no piece ran as a kernel"
+    return line + (f"; plain PyTorch: {', '.join(plain)}" if plain else "")
 
 
 def _use_kernels(x):
@@ -422,8 +440,10 @@ _tiles_fit = {}  # device -> whether the MLP kernel's tiles fit its shared memor
 
 def _mlp_tiles_fit(device):
     """The MLP's kernel loads its tiles by TMA (compute capability 9 or more) into ~200 KiB of
-    shared memory, which Hopper and datacenter Blackwell have (227 KiB). Asked inside the ops
-    (and their fakes), which torch.compile never traces, so no compiled graph holds the question."""
+    shared memory, which Hopper and datacenter Blackwell have (227 KiB). Asked by prepare(),
+    and inside the ops (and their fakes, never traced by compile) for a caller that did not."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in _tiles_fit:
         props = None if _interpret else torch.cuda.get_device_properties(device)
         _tiles_fit[device] = props is None or (props.major >= 9 and props.shared_memory_per_block_optin >= 200 * 1024)
@@ -442,9 +462,10 @@ def _relu_square_matmul(a, b, post=None):
     N = b.size(0)
     backward = post is not None
     out = a.new_empty(M, N)
-    # float32 takes a quarter of the K-step, so its pipeline and its float32 output tile fit the
-    # shared memory together. The step is a power of 2 from 16 (the tensor cores' smallest);
-    # TMA reads zeros past the matrix's edge.
+    # float32 takes a quarter of the K-step: its tiles are twice bf16's bytes, and its output and
+    # `post` tiles too (the epilogue reuses the pipeline's shared memory, as bf16's 4 stages
+    # showed on the GPU). The step is a power of 2 from 16 (the tensor cores' smallest); TMA
+    # reads zeros past the matrix's edge.
     step = MLP_BLOCK_K if a.element_size() == 2 else MLP_BLOCK_K // 4
     bk = max(16, min(step, 1 << (K - 1).bit_length()))
     bm, bn = MLP_BLOCK_M, MLP_BLOCK_N
@@ -466,7 +487,8 @@ def _relu_square_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tenso
     if _mlp_tiles_fit(x.device):
         _ran.add("relu_square_mlp")
         post = _relu_square_matmul(x, w_fc)  # (N, H): ReLU(x @ w_fcᵀ)², the only (N, H) tensor kept
-    else:  # a GPU the tiles do not fit: the same values, by PyTorch's matmul and two passes in place
+    else:  # a GPU the tiles do not fit, and prepare() was not asked: the same values, by PyTorch
+        _plain_why["relu_square_mlp"] = "this GPU: its kernel needs TMA and 200 KiB of shared memory"
         post = torch.relu_(x @ w_fc.t()).square_()
     return post @ w_proj.t(), post
 
@@ -525,7 +547,7 @@ def relu_square_mlp(x, w_fc, w_proj):
     H, C = w_fc.shape
     dtype = _compute_dtype(x)
     if (not _use_kernels(x) or w_fc.device != x.device or w_proj.device != x.device or tuple(w_proj.shape) != (C, H)
-            or C % 8 or H % 8  # TMA's rows must start 16 bytes apart
+            or _mlp_fits is False or C % 8 or H % 8  # the GPU (prepare()); TMA's rows must start 16 bytes apart
             or x.numel() == 0 or dtype not in (torch.bfloat16, torch.float32)  # float16: sqrt(post) under/overflows
             or (not torch.is_autocast_enabled(x.device.type) and not x.dtype == w_fc.dtype == w_proj.dtype)):
         return relu_square_mlp_plain(x, w_fc, w_proj)  # the definition, as written (mixed dtypes raise there)

@@ -23,6 +23,8 @@ from fused_cases import CASES, KernelLaunches, compiled_whole, cross_entropy_cas
 
 REPO = Path(__file__).resolve().parent.parent
 CASE_NAMES = [name for name, _, _ in CASES]
+# compiled_whole's kernels, forward and backward: one each, and the MLP's matmul both ways
+WHOLE_LAUNCHES = {"rotary_norm_fwd": 1, "rotary_norm_bwd": 1, "softcapped_ce": 1, "relu_square_matmul": 2}
 
 pytest.importorskip("triton", reason="the fused kernels are Triton kernels")
 
@@ -30,10 +32,11 @@ pytest.importorskip("triton", reason="the fused kernels are Triton kernels")
 def check_case(name, case):
     """Fused equals plain: to float32 rounding in float32, to bf16 rounding in bf16."""
     if "unaligned" in name:  # outside what the kernel covers: the plain version, exactly
-        assert not case["fused"] and case["forward"] == 0.0 and case["backward"] == 0.0, (name, case)
+        assert case["launches"] == 0 and case["forward"] == 0.0 and case["backward"] == 0.0, (name, case)
         return
     if "do_not_fit" in name:  # the op without its kernel: the same values by PyTorch's own ops
-        assert not case["fused"] and case["forward"] <= 1e-5 * case["forward_scale"] and case["backward"] <= 1e-5
+        assert case["launches"] == 0, f"{name}: the kernel ran on a GPU it does not fit: {case}"
+        assert case["forward"] <= 1e-5 * case["forward_scale"] and case["backward"] <= 1e-5, (name, case)
         return
     assert case["fused"], f"{name}: the fused kernel did not run (the plain version would pass trivially)"
     if "out_of_vocabulary" in name or "negative_target" in name:
@@ -84,7 +87,7 @@ def test_the_pieces_compile_as_one_graph(interpreted):
     model's graph is not split at each piece (fullgraph=True would raise); the compiled
     function launches all five kernels and equals the plain definitions."""
     compiled = interpreted["compiled"]
-    assert all(n >= 1 for n in compiled["launches"].values()) and compiled["launches_plain"] == 0, compiled
+    assert compiled["launches"] == WHOLE_LAUNCHES and compiled["launches_plain"] == 0, compiled
     assert max(compiled["loss"], compiled["grads"]) < 1e-5, compiled
 
 
@@ -140,6 +143,34 @@ def test_fused_line_names_a_piece_that_did_not_run_as_a_kernel(monkeypatch):
     assert kernels.fused_line("cuda") == "rotary_norm, softcapped_cross_entropy, relu_square_mlp (Triton kernels)"
 
 
+def test_a_gpu_the_mlp_kernel_does_not_fit_gets_the_compiled_plain_mlp(monkeypatch):
+    """prepare() on a GPU without TMA or the shared memory: relu_square_mlp is then its plain
+    definition, as written (which compile fuses), no custom op at all, and the line says why."""
+    monkeypatch.setattr(kernels, "_fused", (True, "Triton kernels"))
+    monkeypatch.setattr(kernels, "_interpret", True)  # kernels would run on this CPU's tensors
+    monkeypatch.setattr(kernels, "_mlp_tiles_fit", lambda device: False)
+    monkeypatch.setattr(kernels, "_mlp_fits", None)
+    monkeypatch.setattr(kernels, "_ran", {"rotary_norm", "softcapped_cross_entropy"})
+    monkeypatch.setattr(kernels, "_plain_why", {})
+    op, calls = kernels._relu_square_mlp_op, []
+    monkeypatch.setattr(kernels, "_relu_square_mlp_op", lambda *args: calls.append(args) or op(*args))
+    kernels.prepare("cuda")
+    x, w_fc, w_proj = torch.randn(2, 3, 16), torch.randn(64, 16), torch.randn(16, 64)
+    y = kernels.relu_square_mlp(x, w_fc, w_proj)
+    assert torch.equal(y, kernels.relu_square_mlp_plain(x, w_fc, w_proj))
+    assert not calls and "relu_square_mlp" not in kernels._ran, "the custom op ran on a GPU its kernel does not fit"
+    assert kernels.fused_line("cuda") == (
+        "rotary_norm, softcapped_cross_entropy (Triton kernels); plain PyTorch: relu_square_mlp "
+        "(this GPU: its kernel needs TMA and 200 KiB of shared memory)")
+
+
+def test_no_piece_that_ran_as_a_kernel_is_said_so(monkeypatch):
+    monkeypatch.setattr(kernels, "_fused", (True, "Triton kernels"))
+    monkeypatch.setattr(kernels, "_ran", set())
+    monkeypatch.setattr(kernels, "_plain_why", {})
+    assert kernels.fused_line("cuda").startswith("no piece ran as a kernel; plain PyTorch: rotary_norm (not called")
+
+
 # =============================================================================
 # The decision: kernels or plain PyTorch
 # =============================================================================
@@ -190,7 +221,7 @@ def test_kernels_match_plain_on_the_gpu():
     for name, case in run_cases("cuda").items():
         check_case(name, case)
     compiled = compiled_whole("cuda")
-    assert all(n >= 1 for n in compiled["launches"].values()) and compiled["launches_plain"] == 0, compiled
+    assert compiled["launches"] == WHOLE_LAUNCHES and compiled["launches_plain"] == 0, compiled
     assert max(compiled["loss"], compiled["grads"]) < 1e-4, compiled
 
 
