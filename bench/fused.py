@@ -49,6 +49,19 @@ def median_ms(fn, repeats=20):
     return sorted(times)[len(times) // 2]
 
 
+def peak_and_time(out, piece, name, run):
+    """out[{piece}_peak_extra_mib_{name}]: the memory one call of run() holds beyond what it
+    leaves allocated; out[{piece}_ms_{name}]: its median time."""
+    run()  # compile, and leave the gradients allocated: the peak below is the call's own
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    out[f"{piece}_peak_extra_mib_{name}"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    out[f"{piece}_ms_{name}"] = median_ms(run, repeats=10)
+
+
 def rotary_norm_figures(out):
     torch.manual_seed(0)
     x = (torch.randn(B, T, H, D, device="cuda") * 0.5).bfloat16().requires_grad_()  # (B, T, H, D)
@@ -120,15 +133,7 @@ def cross_entropy_figures(out):
         return run
 
     for name, fn in (("compiled_plain", compiled_plain), ("fused", kernels.softcapped_cross_entropy)):
-        run = step(fn)
-        run()  # compile, and leave the gradients allocated: the peak below is the call's own
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        out[f"ce_peak_extra_mib_{name}"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        out[f"ce_ms_{name}"] = median_ms(run, repeats=10)
+        peak_and_time(out, "ce", name, step(fn))
 
     default_tiles = kernels.CE_CHUNK, kernels.CE_WARPS
     for chunk in (8192, 4096, 2048, 1024):
@@ -178,15 +183,7 @@ def mlp_figures(out):
         return run
 
     for name, fn in (("compiled_plain", compiled_plain), ("fused", kernels.relu_square_mlp)):
-        run = step(fn)
-        run()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        out[f"mlp_peak_extra_mib_{name}"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        out[f"mlp_ms_{name}"] = median_ms(run, repeats=10)
+        peak_and_time(out, "mlp", name, step(fn))
 
     # the forward's matmul alone: cuBLAS's plain matmul against the kernel's matmul with ReLU² in its tiles
     xb, wb = x.detach(), w_fc.detach().bfloat16()
