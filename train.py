@@ -557,6 +557,7 @@ def main():
     rows_per_step = TOTAL_BATCH_SIZE // MAX_SEQ_LEN
     guards.check_batch_size(TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE, MAX_SEQ_LEN)  # whole micro-batches, or FAIL
     gpu_name, peak_flops, peak_note = gpu.describe_device(device)
+    kernels.prepare(device)  # which fused kernels this GPU takes, decided before anything compiles
     with torch.device("meta"):
         shape = GPT(config)  # sizes only, nothing allocated
     num_params, flops_per_token = shape.param_counts()["total"], shape.estimate_flops()
@@ -581,7 +582,6 @@ def main():
         model, optimizer = build_model(config, device, seed)
         init_fingerprint = seeding.weights_fingerprint(model)
         prepare_attention(config, model.window_sizes, device)  # flex block masks or the FA4 probe, before compile
-        kernels.prepare(device)  # which fused kernels this GPU takes, before compile
         if use_cuda:
             # one compiled graph for the loss: training takes its mean, evaluation its per-token values
             model.losses = torch.compile(model.losses, dynamic=False)

@@ -98,7 +98,8 @@ def prepare(device):
 
     The MLP's kernel needs TMA and ~200 KiB of shared memory per block; on a GPU without
     them `relu_square_mlp` runs its plain definition, which compile fuses as it always has.
-    Asked here, once, so that no compiled graph traces the question."""
+    Asked here, once, so that no compiled graph traces the question; until it is asked,
+    `relu_square_mlp` is its plain definition."""
     global _mlp_fits
     device = torch.device(device)
     if device.type == "cuda" or _interpret:  # a CPU without the interpreter runs no kernel anyway
@@ -435,19 +436,13 @@ MLP_STAGES = 4    # tiles of a and b in flight, 4 x 48 KiB in bf16: 1.09x faster
 MLP_WARPS = 8
 
 
-_tiles_fit = {}  # device -> whether the MLP kernel's tiles fit its shared memory
-
-
 def _mlp_tiles_fit(device):
     """The MLP's kernel loads its tiles by TMA (compute capability 9 or more) into ~200 KiB of
-    shared memory, which Hopper and datacenter Blackwell have (227 KiB). Asked by prepare(),
-    and inside the ops (and their fakes, never traced by compile) for a caller that did not."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _tiles_fit:
-        props = None if _interpret else torch.cuda.get_device_properties(device)
-        _tiles_fit[device] = props is None or (props.major >= 9 and props.shared_memory_per_block_optin >= 200 * 1024)
-    return _tiles_fit[device]
+    shared memory, which Hopper and datacenter Blackwell have (227 KiB). Asked by prepare()."""
+    if _interpret:
+        return True
+    props = torch.cuda.get_device_properties(device)
+    return props.major >= 9 and props.shared_memory_per_block_optin >= 200 * 1024
 
 
 def _aligned(t):
@@ -484,27 +479,20 @@ def _relu_square_matmul(a, b, post=None):
 
 @torch.library.custom_op("autoresearch::relu_square_mlp", mutates_args=())
 def _relu_square_mlp_op(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _mlp_tiles_fit(x.device):
-        _ran.add("relu_square_mlp")
-        post = _relu_square_matmul(x, w_fc)  # (N, H): ReLU(x @ w_fcᵀ)², the only (N, H) tensor kept
-    else:  # a GPU the tiles do not fit, and prepare() was not asked: the same values, by PyTorch
-        _plain_why["relu_square_mlp"] = "this GPU: its kernel needs TMA and 200 KiB of shared memory"
-        post = torch.relu_(x @ w_fc.t()).square_()
+    _ran.add("relu_square_mlp")
+    post = _relu_square_matmul(x, w_fc)  # (N, H): ReLU(x @ w_fcᵀ)², the only (N, H) tensor kept
     return post @ w_proj.t(), post
 
 
 @_relu_square_mlp_op.register_fake
 def _(x, w_fc, w_proj):
-    if _mlp_tiles_fit(x.device):
-        _ran.add("relu_square_mlp")
+    _ran.add("relu_square_mlp")
     return x.new_empty(x.size(0), w_proj.size(0)), x.new_empty(x.size(0), w_fc.size(0))
 
 
 @torch.library.custom_op("autoresearch::relu_square_mlp_backward", mutates_args=())
 def _relu_square_grad_op(dout: torch.Tensor, w_proj: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
-    if _mlp_tiles_fit(dout.device):
-        return _relu_square_matmul(dout, w_proj.t().contiguous(), post)  # d loss / d h, (N, H)
-    return (dout @ w_proj).mul_(post.sqrt().mul_(2))
+    return _relu_square_matmul(dout, w_proj.t().contiguous(), post)  # d loss / d h, (N, H)
 
 
 @_relu_square_grad_op.register_fake
@@ -547,7 +535,7 @@ def relu_square_mlp(x, w_fc, w_proj):
     H, C = w_fc.shape
     dtype = _compute_dtype(x)
     if (not _use_kernels(x) or w_fc.device != x.device or w_proj.device != x.device or tuple(w_proj.shape) != (C, H)
-            or _mlp_fits is False or C % 8 or H % 8  # the GPU (prepare()); TMA's rows must start 16 bytes apart
+            or not _mlp_fits or C % 8 or H % 8  # the GPU (prepare()); TMA's rows must start 16 bytes apart
             or x.numel() == 0 or dtype not in (torch.bfloat16, torch.float32)  # float16: sqrt(post) under/overflows
             or (not torch.is_autocast_enabled(x.device.type) and not x.dtype == w_fc.dtype == w_proj.dtype)):
         return relu_square_mlp_plain(x, w_fc, w_proj)  # the definition, as written (mixed dtypes raise there)

@@ -159,6 +159,7 @@ def mlp_figures(out):
     grad = torch.randn(N, C, device="cuda").bfloat16()
     compiled_plain = torch.compile(kernels.relu_square_mlp_plain, dynamic=False)
     weights = (w_fc, w_proj)
+    kernels.prepare("cuda")  # as train.py does: whether this GPU takes the MLP's kernel
 
     n = 4096  # errors against float64 on the first n tokens
     x64, w64 = x[:n].detach().double().requires_grad_(), [w.detach().double().requires_grad_() for w in weights]

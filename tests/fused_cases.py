@@ -128,14 +128,15 @@ def mlp_case(device, dtype, B, T, C, blocks=None, group=None, tiles_fit=True, se
     saved = kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M
     kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K = blocks or saved[:3]
     kernels.MLP_GROUP_M = group or saved[3]
-    tiles_fit_saved = kernels._mlp_tiles_fit
-    if not tiles_fit:  # the ops look it up by name at each call
+    tiles_fit_saved, fits_saved = kernels._mlp_tiles_fit, kernels._mlp_fits
+    if not tiles_fit:
         kernels._mlp_tiles_fit = lambda device: False
+    kernels.prepare(device)  # as train.py does before its first step
     try:
         return _mlp_case(device, dtype, B, T, C, seed)
     finally:
         kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M = saved
-        kernels._mlp_tiles_fit = tiles_fit_saved
+        kernels._mlp_tiles_fit, kernels._mlp_fits = tiles_fit_saved, fits_saved
 
 
 def _mlp_case(device, dtype, B, T, C, seed):
@@ -205,6 +206,7 @@ def compiled_whole(device):
     """The three pieces inside one torch.compile'd function with fullgraph=True (no graph break
     allowed), through AOTAutograd (the ops' shape functions, their autograd): the compiled
     loss and gradient equal the eager ones."""
+    kernels.prepare(device)
     g = torch.Generator().manual_seed(0)
     B, T, H, D, V = 2, 6, 2, 8, 40
     x = torch.randn(B, T, H, D, generator=g).to(device).requires_grad_()

@@ -265,6 +265,7 @@ def test_mlp_at_train_shapes_under_autocast_and_compile():
     inside torch.compile: both kernels run, and the numbers stay the plain version's."""
     torch.manual_seed(0)
     N, C = 16 * 2048, 512
+    kernels.prepare("cuda")
     x = torch.randn(N, C, device="cuda", dtype=torch.bfloat16)
     w_fc = torch.randn(4 * C, C, device="cuda") * C**-0.5
     w_proj = torch.randn(C, 4 * C, device="cuda") * (4 * C) ** -0.5
