@@ -15,6 +15,10 @@ fixed: do not edit them.
 Importing this file builds nothing: the run lives in `main()`.
 """
 
+if __name__ == "__main__":  # a run: when a fork server is up, it goes on there, its libraries imported already
+    from autoresearch import forkserver  # (autoresearch/forkserver.py; the run's `imports:` line says which)
+    forkserver.hand_off(__file__)
+
 import gc
 import math
 import time

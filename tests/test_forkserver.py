@@ -1,0 +1,238 @@
+"""
+The fork server (autoresearch/forkserver.py): a run handed to it goes on in a fork with
+its own arguments, folder, environment, streams and project files, ends with the same
+status a cold run would, takes signals, dies with its process, and a server serves only
+the environment it was started for. Servers here import `json` only (tiny), in a
+temporary folder, and are stopped at the end of each test.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+from autoresearch import forkserver
+
+SCRIPT = """\
+if __name__ == "__main__":
+    from autoresearch import forkserver
+    forkserver.hand_off(__file__)
+import os, sys, time
+import mod
+from autoresearch import forkserver
+print("run", os.getcwd(), sys.argv, os.environ.get("X"), mod.VALUE, forkserver.__file__, flush=True)
+what = os.environ.get("DO", "")
+if what == "stdin":
+    print("stdin", repr(sys.stdin.read()), flush=True)
+if what == "fail":
+    raise ValueError("a bad edit")
+if what == "message":
+    raise SystemExit("FAIL: one line")
+if what == "term":
+    os.kill(os.getpid(), 15)
+if what == "wait":
+    open("run.pid", "w").write(str(os.getpid()))
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(7)
+print("to stderr", file=sys.stderr)
+sys.exit(int(os.environ.get("CODE", "0")))
+"""
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A folder with the package, a module of its own and the script; its runs' environment."""
+    def make(name, value):
+        where = tmp_path / name
+        shutil.copytree(ROOT / "autoresearch", where / "autoresearch", ignore=shutil.ignore_patterns("__pycache__"))
+        (where / "mod.py").write_text(f"VALUE = {value!r}\n")
+        (where / "s.py").write_text(SCRIPT)
+        return where
+    tmp = tempfile.mkdtemp(prefix="fs", dir="/tmp")  # short: a socket's path holds 108 bytes
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "PYTHON"))}
+    env.update(TMPDIR=tmp, AUTORESEARCH_FORKSERVER="1", AUTORESEARCH_FORKSERVER_IMPORTS="json",
+               AUTORESEARCH_FORKSERVER_IDLE="1")
+    yield make, env
+    for pid in servers(tmp):
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def servers(tmp):
+    """Pids of the servers whose sockets live under tmp."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                mine = f"TMPDIR={tmp}".encode() in f.read().split(b"\0")
+        except OSError:
+            continue
+        if mine and b"autoresearch.forkserver" in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def run(where, env, *args, stdin="", **extra):
+    return subprocess.run([sys.executable, "s.py", *args], cwd=where, env={**env, **extra}, input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def up(env, timeout=30):
+    """Wait for a server's socket under env's TMPDIR; its path."""
+    folder = os.path.join(env["TMPDIR"], f"autoresearch-forkserver-{os.getuid()}")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        socks = [n for n in os.listdir(folder) if n.endswith(".sock")] if os.path.isdir(folder) else []
+        if socks:
+            return os.path.join(folder, socks[0])
+        time.sleep(0.05)
+    logs = [open(os.path.join(folder, n)).read() for n in os.listdir(folder) if n.endswith(".log")]
+    raise AssertionError(f"no server came up; its logs: {logs}")
+
+
+def test_a_run_goes_on_in_a_fork_with_its_arguments_folder_environment_and_streams(project):
+    make, env = project
+    where = make("a", "first")
+    cold = run(where, env, "one", X="1")
+    assert cold.returncode == 0, cold.stderr
+    assert cold.stdout.startswith("imports:     cold; started a fork server (pid ")
+    up(env)
+    forked = run(where, env, "two", "--flag", X="2", DO="stdin", CODE="3", stdin="some input\n")
+    assert forked.returncode == 3, forked.stderr
+    first, second, third = forked.stdout.splitlines()[:3]
+    assert first.startswith("imports:     forked from the fork server (pid ")
+    assert second == f"run {where} ['s.py', 'two', '--flag'] 2 first {where / 'autoresearch' / 'forkserver.py'}"
+    assert third == "stdin 'some input\\n'"
+    assert forked.stderr == "to stderr\n"
+
+
+def test_a_forked_run_ends_as_a_cold_one_would(project):
+    make, env = project
+    where = make("a", 1)
+    run(where, env)
+    up(env)
+    failed = run(where, env, DO="fail")
+    assert failed.returncode == 1 and failed.stderr.splitlines()[-1] == "ValueError: a bad edit"
+    assert "Traceback" in failed.stderr
+    message = run(where, env, DO="message")
+    assert message.returncode == 1 and message.stderr == "FAIL: one line\n"
+    killed = run(where, env, DO="term")
+    assert killed.returncode == -signal.SIGTERM  # the waiting process dies of the same signal
+    assert all("forked from" in r.stdout for r in (failed, message, killed))
+
+
+def test_signals_reach_the_run_and_the_run_dies_with_its_process(project):
+    make, env = project
+    where = make("a", 1)
+    run(where, env)
+    up(env)
+    for signum, expected in ((signal.SIGINT, 7), (signal.SIGKILL, -signal.SIGKILL)):
+        pidfile = where / "run.pid"
+        pidfile.unlink(missing_ok=True)
+        waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env={**env, "DO": "wait"},
+                                   stdout=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.time() < deadline, "the run never started"
+            time.sleep(0.05)
+        forked = int(pidfile.read_text())
+        assert forked != waiting.pid
+        waiting.send_signal(signum)
+        assert waiting.wait(timeout=30) == expected
+        if signum == signal.SIGINT:
+            assert "interrupted" in waiting.stdout.read()
+        deadline = time.time() + 10
+        while os.path.exists(f"/proc/{forked}") and open(f"/proc/{forked}/stat").read().split()[2] != "Z":
+            assert time.time() < deadline, f"the forked run {forked} outlived its process"
+            time.sleep(0.05)
+        waiting.stdout.close()
+
+
+def test_each_run_imports_the_project_from_its_own_folder(project):
+    make, env = project
+    a, b = make("a", "from a"), make("b", "from b")
+    run(a, env)
+    up(env)
+    for where, value in ((b, "from b"), (a, "from a")):
+        result = run(where, env)
+        assert "forked from" in result.stdout, result.stdout
+        assert f"run {where} ['s.py'] None {value} {where / 'autoresearch' / 'forkserver.py'}" in result.stdout
+
+
+def test_a_server_serves_only_the_environment_it_was_started_for(project):
+    make, env = project
+    where = make("a", 1)
+    run(where, env)
+    first = up(env)
+    assert "forked from" in run(where, env, AUTORESEARCH_SEED="7").stdout  # read by the run: same server
+    other = run(where, env, TORCH_SOMETHING="1")  # a library may read it at import: not this server
+    assert "cold; started a fork server" in other.stdout
+    off = run(where, env, AUTORESEARCH_FORKSERVER="0")
+    assert off.returncode == 0 and not off.stdout.startswith("imports:")
+    assert os.path.exists(first)
+
+
+def test_a_server_that_would_fork_unsafely_refuses_and_runs_stay_cold(project):
+    make, env = project
+    where = make("a", 1)
+    (where / "threaded.py").write_text("import threading, time\n"
+                                       "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    env = {**env, "AUTORESEARCH_FORKSERVER_IMPORTS": "json,threaded", "PYTHONPATH": str(where)}
+    assert "started a fork server" in run(where, env).stdout
+    folder = Path(env["TMPDIR"], f"autoresearch-forkserver-{os.getuid()}")
+    deadline = time.time() + 30
+    while not list(folder.glob("*.refused")):
+        assert time.time() < deadline, [p.read_text() for p in folder.iterdir()]
+        time.sleep(0.05)
+    later = run(where, env)
+    assert later.returncode == 0
+    assert later.stdout.startswith("imports:     cold (the fork server refused this environment: "
+                                   "2 Python threads after the imports)")
+
+
+def test_a_server_leaves_when_idle_or_when_its_socket_goes(project):
+    make, env = project
+    where = make("a", 1)
+    run(where, env, AUTORESEARCH_FORKSERVER_IDLE="0.02")  # 1.2 s
+    up(env)
+    deadline = time.time() + 30
+    while servers(env["TMPDIR"]):
+        assert time.time() < deadline, "an idle server stayed"
+        time.sleep(0.1)
+    run(where, env)
+    os.unlink(up(env))
+    deadline = time.time() + 30
+    while servers(env["TMPDIR"]):
+        assert time.time() < deadline, "a server whose socket was removed stayed"
+        time.sleep(0.1)
+
+
+def test_unset_it_is_on_only_with_an_nvidia_device_outside_smoke_runs_and_slurm(monkeypatch):
+    for name in ("AUTORESEARCH_FORKSERVER", "AUTORESEARCH_SMOKE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os.path, "exists", lambda path: path == "/dev/nvidiactl")
+    assert forkserver.setting() is sys.platform.startswith("linux")
+    monkeypatch.setenv("AUTORESEARCH_SMOKE", "1")
+    assert forkserver.setting() is False
+    monkeypatch.delenv("AUTORESEARCH_SMOKE")
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    assert forkserver.setting() is False
+    monkeypatch.setenv("AUTORESEARCH_FORKSERVER", "1")
+    assert forkserver.setting() is True
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.delenv("AUTORESEARCH_FORKSERVER")
+    assert forkserver.setting() is False
