@@ -20,6 +20,8 @@ it holds and who may import it. Nothing here imports train.py or prepare.py.
     report.py     the lines a run prints: identity, overhead, the summary block after `---`
     seeding.py    the seed (AUTORESEARCH_SEED), a random stream per parameter for the initial
                   weights (common random numbers), the init and data fingerprints
+    forkserver.py a run forked from a server that imported torch, compile's machinery and FA4
+                  once (train.py hands its run over before its own imports)
 
     environment.py
                   the AUTORESEARCH_* switches, all read by one rule (empty is unset, yes/no words)

@@ -57,7 +57,8 @@ from autoresearch import environment
 IMPORTS = "torch,torch._dynamo,torch.compile,flash_attn.cute.interface,numpy,pyarrow.parquet,tiktoken"
 KEY_PREFIXES = ("TORCH", "PYTORCH", "TRITON", "INDUCTOR", "CUDA", "NVIDIA", "NCCL", "FLASH", "CUTE", "CUTLASS",
                 "PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "OPENBLAS", "XDG_", "UV_", "CC", "CXX")
-KEY_NAMES = ("PATH", "HOME", "USER", "TMPDIR", "TEMP", "TMP", "VIRTUAL_ENV")
+KEY_NAMES = ("PATH", "HOME", "USER", "TMPDIR", "TEMP", "TMP", "VIRTUAL_ENV",
+             "AUTORESEARCH_LAUNCH")  # a night's own server: spawn.sh stop finds it, and its runs, by this
 PER_RUN = ("CUDA_VISIBLE_DEVICES",)   # read when CUDA starts, in the forked run
 START_WAIT = 60                       # seconds a server may take to fork a run it accepted
 FORKED = None                         # in a forked run: what the server said about itself

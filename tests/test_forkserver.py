@@ -180,6 +180,8 @@ def test_a_server_serves_only_the_environment_it_was_started_for(project):
     assert "forked from" in run(where, env, AUTORESEARCH_SEED="7").stdout  # read by the run: same server
     other = run(where, env, TORCH_SOMETHING="1")  # a library may read it at import: not this server
     assert "cold; started a fork server" in other.stdout
+    night = run(where, env, AUTORESEARCH_LAUNCH="night-2")  # another night's runs: its own server, its own stop
+    assert "cold; started a fork server" in night.stdout
     off = run(where, env, AUTORESEARCH_FORKSERVER="0")
     assert off.returncode == 0 and not off.stdout.startswith("imports:")
     assert os.path.exists(first)
