@@ -29,6 +29,7 @@ import torch._inductor.config  # noqa: E402
 
 from autoresearch import gpu  # noqa: E402  (first: it sets the CUDA allocator's options, as in a run)
 from autoresearch import attention, seeding  # noqa: E402
+import constants  # noqa: E402
 import train  # noqa: E402
 
 
@@ -172,7 +173,7 @@ def main():
         torch.cuda.synchronize()
         t0 = time.time()
         with torch.no_grad(), autocast:
-            for i in range(train.EVAL_TOKENS // (B * T)):
+            for i in range(constants.EVAL_TOKENS // (B * T)):
                 row = batches[i % len(batches)]
                 evaluator(row[:, :-1], row[:, 1:], reduction="none")
         torch.cuda.synchronize()
