@@ -34,14 +34,15 @@ started by hand_off. The socket lives in a folder only this user may open
 ($TMPDIR/autoresearch-forkserver-UID, or under /tmp when $TMPDIR is long).
 """
 
+import atexit
 import fcntl
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import io
 import json
 import os
-import runpy
 import select
 import signal
 import socket
@@ -56,12 +57,15 @@ from autoresearch import environment
 
 IMPORTS = "torch,torch._dynamo,torch.compile,flash_attn.cute.interface,numpy,pyarrow.parquet,tiktoken"
 KEY_PREFIXES = ("TORCH", "PYTORCH", "TRITON", "INDUCTOR", "CUDA", "NVIDIA", "NCCL", "FLASH", "CUTE", "CUTLASS",
-                "PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "OPENBLAS", "XDG_", "UV_", "CC", "CXX")
-KEY_NAMES = ("PATH", "HOME", "USER", "TMPDIR", "TEMP", "TMP", "VIRTUAL_ENV",
+                "PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "OPENBLAS", "GOMP_", "MALLOC_", "NPY_", "NUMPY_", "ARROW_",
+                "LANG", "LC_", "TZ", "XDG_", "UV_", "CC", "CXX")
+KEY_NAMES = ("HOME", "USER", "TMPDIR", "TEMP", "TMP",
              "AUTORESEARCH_LAUNCH")  # a night's own server: spawn.sh stop finds it, and its runs, by this
+KEY_PATHS = ("PATH", "VIRTUAL_ENV")   # by their real paths: a worktree's linked .venv is the repository's
 PER_RUN = ("CUDA_VISIBLE_DEVICES",)   # read when CUDA starts, in the forked run
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 START_WAIT = 60                       # seconds a server may take to fork a run it accepted
-FORKED = None                         # in a forked run: what the server said about itself
+FORKED = None                         # in a forked run: what the server said about itself (mark_forked)
 
 
 def say(text):
@@ -85,14 +89,31 @@ def idle_seconds():
     return 60 * environment.number("AUTORESEARCH_FORKSERVER_IDLE", 20.0)
 
 
+def mark_forked(server):
+    global FORKED
+    FORKED = server
+
+
 def key():
-    """16 hex digits naming what a fork inherits: interpreter, flags, paths, packages, environment."""
+    """16 hex digits naming what a fork inherits: this file, the interpreter and its flags, its paths and
+    packages, the environment a library may read at import, and the process's own settings."""
+    import resource
     h = hashlib.sha256()
     env = sorted((k, v) for k, v in os.environ.items()
-                 if (k.startswith(KEY_PREFIXES) or k in KEY_NAMES) and k not in PER_RUN)
+                 if (k.startswith(KEY_PREFIXES) or k in KEY_NAMES) and k not in PER_RUN + KEY_PATHS)
+    env += [(k, [os.path.realpath(p) for p in os.environ[k].split(os.pathsep)]) for k in KEY_PATHS
+            if k in os.environ]
     paths = [os.path.realpath(p) for p in sys.path[1:]]  # [0] is the script's folder: each run's own
-    h.update(json.dumps([os.path.realpath(sys.executable), sys.version, repr(sys.flags),
-                         sorted(sys._xoptions.items()), imports(), paths, env], default=str).encode())
+    umask = os.umask(0o022)
+    os.umask(umask)
+    limits = {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")}
+    with open(__file__, "rb") as f:
+        this = hashlib.sha256(f.read()).hexdigest()
+    with open("/proc/self/cgroup") if os.path.exists("/proc/self/cgroup") else io.StringIO() as f:
+        cgroup = f.read()
+    h.update(json.dumps([this, os.path.realpath(sys.executable), sys.version, repr(sys.flags),
+                         sorted(sys._xoptions.items()), imports(), paths, env, sorted(os.sched_getaffinity(0)),
+                         os.getpriority(os.PRIO_PROCESS, 0), limits, umask, cgroup], default=str).encode())
     for path in paths:  # a package installed, upgraded or removed changes a name or a time of its metadata
         try:
             with os.scandir(path) as entries:
@@ -115,6 +136,17 @@ def folder():
     return path
 
 
+def send_message(conn, message, fds=()):
+    """A length, then the JSON; the descriptors ride with the length."""
+    data = json.dumps(message).encode()
+    header = struct.pack("!I", len(data))
+    if fds:
+        socket.send_fds(conn, [header], list(fds))
+    else:
+        conn.sendall(header)
+    conn.sendall(data)
+
+
 # =============================================================================
 # The run's side: hand off to a server, or run cold and start one
 # =============================================================================
@@ -126,11 +158,15 @@ def hand_off(script):
     if FORKED is not None or not setting():
         return
     try:
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+    except OSError:
+        return say("cold (a standard stream is closed: the fork server needs all three)")
+    try:
         name, where = key(), folder()
     except OSError as e:
         return say(f"cold (no fork server: {e})")
-    sock = os.path.join(where, name + ".sock")
-    conn = connect(sock)
+    conn = connect(os.path.join(where, name + ".sock"))
     if conn is None:
         return say(start(where, name))
     run_forked(conn, name, script, os.path.join(where, name + ".log"))
@@ -152,7 +188,8 @@ def start(where, name):
     refused = os.path.join(where, name + ".refused")
     if os.path.exists(refused):
         with open(refused) as f:
-            return f"cold (the fork server refused this environment: {f.read().strip()})"
+            return (f"cold (the fork server refused this environment: {f.read().strip()}; delete {refused} "
+                    f"to try again)")
     with open(os.path.join(where, name + ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -160,51 +197,91 @@ def start(where, name):
             return "cold (a fork server is starting for the next runs)"
     import subprocess  # only on this path
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(where, name + ".log"), "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "autoresearch.forkserver", "serve", name], cwd=root,
-                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    flags = subprocess._args_from_interpreter_flags()  # -O, -X ...: the key holds them, so must the server
+    with open(os.path.join(where, name + ".log"), "a") as log:
+        server = subprocess.Popen([sys.executable, *flags, "-m", "autoresearch.forkserver", "serve", name],
+                                  cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
     return (f"cold; started a fork server (pid {server.pid}) that imports them once for the next runs and "
             f"exits after {idle_seconds() / 60:g} min without one (AUTORESEARCH_FORKSERVER=0: none)")
 
 
+def streams():
+    """How this process's standard streams are set up, for the fork to make its own the same way."""
+    return {name: [stream.encoding, stream.errors, stream.line_buffering, stream.write_through]
+            for name in ("stdin", "stdout", "stderr") if isinstance(stream := getattr(sys, name), io.TextIOWrapper)}
+
+
 def run_forked(conn, name, script, log):
     """Send this run to the server, wait for it, pass signals on, exit as it exits."""
-    same = os.path.abspath(sys.argv[0]) == os.path.abspath(script)  # runpy sets argv[0] to the path it runs
+    ignored = [s for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]  # nohup, `cmd &`: so will the run
     request = {"key": name, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
-               "script": sys.argv[0] if same else os.path.abspath(script)}
+               "script": os.path.abspath(script), "ignored": ignored, "streams": streams()}
     reader = conn.makefile("rb")
     try:
-        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+        send_message(conn, request, (0, 1, 2))
         conn.settimeout(START_WAIT)
-        reply = reader.readline()
-    except socket.timeout:
+        first = read_message(reader)
+    except TimeoutError:
         print(f"FAIL: the fork server took the run but did not start it within {START_WAIT} s (its log: {log}); "
               f"AUTORESEARCH_FORKSERVER=0 runs without it", file=sys.stderr, flush=True)
         os._exit(1)
     except OSError:
-        reply = b""
-    if not reply:  # it closed before forking (it was exiting): nothing ran, run here
+        first = None
+    if first is None or "pid" not in first:  # it closed before forking (it was exiting): nothing ran, run here
         conn.close()
         return say("cold (the fork server was exiting)")
-    pid = json.loads(reply)["pid"]
+    pid, own = first["pid"], None
     conn.settimeout(None)
 
     def forward(signum, frame):
         try:
             os.kill(pid, signum)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, forward)
-    line = reader.readline()
-    if not line:
-        print(f"FAIL: the forked run (pid {pid}) ended without its exit status: the fork server stopped "
-              f"(its log: {log})", file=sys.stderr, flush=True)
-        os._exit(1)
-    status = json.loads(line)["status"]  # os.waitstatus_to_exitcode: -N when killed by signal N
-    if status < 0:  # die the same way, so a shell or `timeout` sees what it would have seen
-        signal.signal(-status, signal.SIG_DFL)
+
+    def stop(signum, frame):  # Ctrl-Z: stop the run, then this process; SIGCONT resumes both
+        forward(signal.SIGSTOP, frame)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)
+
+    def resume(signum, frame):
+        signal.signal(signal.SIGTSTP, stop)
+        forward(signal.SIGCONT, frame)
+    for signum in FORWARDED:
+        if signum not in ignored:
+            signal.signal(signum, forward)
+    signal.signal(signal.SIGTSTP, stop)
+    signal.signal(signal.SIGCONT, resume)
+    while True:
+        message = read_message(reader)
+        if message is None:
+            break
+        if "status" in message:
+            exit_as(message["status"])
+        own = message.get("own_status", own)
+    if own is not None:  # the server went away; the run said how it ended
+        exit_as(own)
+    print(f"FAIL: the forked run (pid {pid}) ended without its exit status: the fork server stopped "
+          f"(its log: {log})", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def read_message(reader):
+    header = reader.read(4)
+    if len(header) < 4:
+        return None
+    data = reader.read(struct.unpack("!I", header)[0])
+    return json.loads(data)
+
+
+def exit_as(status):
+    """Exit with the run's status (os.waitstatus_to_exitcode: -N for signal N), dying of the same signal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status < 0:
+        if -status not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
         status = 128 - status
     os._exit(status)
@@ -235,11 +312,14 @@ def import_all(names):
     return skipped
 
 
-def cuda_started():
-    """Why forking is unsafe now, or None: CUDA initialised by torch or by the driver itself."""
+def unsafe_to_fork():
+    """Why forking is unsafe now, or None: CUDA initialised (by torch or the driver), or a Python thread
+    running (threads of native libraries that handle fork themselves, such as OpenBLAS's, are not seen)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         return "importing the libraries initialised CUDA"
+    if threading.active_count() > 1:
+        return f"{threading.active_count()} Python threads after the imports"
     with open("/proc/self/maps") as f:
         if "libcuda.so" not in f.read():
             return None
@@ -264,8 +344,7 @@ def serve(name):
         return None
     t0 = time.time()
     skipped = import_all(imports())
-    why = cuda_started() or (f"{threading.active_count()} Python threads after the imports"
-                             if threading.active_count() > 1 else None)
+    why = unsafe_to_fork()
     if why:
         with open(os.path.join(where, name + ".refused"), "w") as f:
             f.write(why + "\n")
@@ -280,9 +359,8 @@ def serve(name):
     started, runs, children, last = time.time(), 0, {}, time.time()
     print(f"serving {sock_path}: imported {imports()} in {started - t0:.1f} s"
           + (f" (not installed: {', '.join(skipped)})" if skipped else ""), flush=True)
-    moved = False
-    while children or not (moved or time.time() - last > idle_seconds()):
-        ready, _, _ = select.select([] if moved else [listener], [], [], 0.1)
+    while listener or children:
+        ready, _, _ = select.select([listener] if listener else [], [], [], 0.1)
         for pid in list(children):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -302,42 +380,47 @@ def serve(name):
                 lock.close()
                 for other in children.values():
                     other.close()
-                request["server"] = {"pid": os.getppid(), "up": time.time() - started, "run": runs}
+                request["server"] = {"pid": os.getppid(), "up": time.time() - started, "run": runs,
+                                     "root": os.getcwd()}
                 return request, conn, fds
             for fd in fds:
                 os.close(fd)
             reply(conn, {"pid": pid})
             children[pid] = conn
             last = time.time()
-        if not moved:
-            try:
-                moved = os.stat(sock_path).st_ino != inode
-            except OSError:
-                moved = True  # removed (its folder cleaned up) or replaced: take no new runs, finish these
-    listener.close()
-    if not moved:
-        os.unlink(sock_path)
+        try:
+            moved = os.stat(sock_path).st_ino != inode
+        except OSError:
+            moved = True  # removed (its folder cleaned up) or replaced
+        if listener and (moved or (not children and time.time() - last > idle_seconds())):
+            listener.close()  # no new runs; the ones in flight finish and get their status
+            listener = None
+            if not moved:
+                os.unlink(sock_path)
     print(f"exiting after {runs} runs", flush=True)
     return None
 
 
 def receive(conn, name):
-    """A run's request and its three standard streams, or (None, []) for a bad one."""
-    conn.settimeout(5)
+    """A run's request and its three standard streams, or (None, []) for a bad one; nothing
+    received stays open on a refusal."""
+    fds = []
     try:
         pid, uid, gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                             struct.calcsize("3i")))
-        data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
-        while data and not data.endswith(b"\n"):
-            more = conn.recv(1 << 16)
-            if not more:
-                break
-            data += more
-        request = json.loads(data)
-    except (OSError, ValueError) as e:
+        conn.settimeout(10)
+        header, fds, _, _ = socket.recv_fds(conn, 4, 3, socket.MSG_CMSG_CLOEXEC)
+        header += receive_exactly(conn, 4 - len(header))
+        size = struct.unpack("!I", header)[0]
+        if size > 64 << 20:
+            raise ValueError(f"a request of {size} bytes")
+        request = json.loads(receive_exactly(conn, size))
+        good = (isinstance(request, dict) and uid == os.getuid() and len(fds) == 3 and request.get("key") == name
+                and {"argv", "cwd", "env", "path", "script", "ignored", "streams"} <= request.keys())
+    except (OSError, ValueError, struct.error) as e:
         print(f"a bad request: {e}", flush=True)
-        return None, []
-    if uid != os.getuid() or len(fds) != 3 or request.get("key") != name:
+        good = False
+    if not good:
         for fd in fds:
             os.close(fd)
         return None, []
@@ -345,9 +428,19 @@ def receive(conn, name):
     return request, fds
 
 
+def receive_exactly(conn, size):
+    data = b""
+    while len(data) < size:
+        more = conn.recv(min(size - len(data), 1 << 20))
+        if not more:
+            raise ValueError("the request ended early")
+        data += more
+    return data
+
+
 def reply(conn, message):
     try:
-        conn.sendall(json.dumps(message).encode() + b"\n")
+        send_message(conn, message)
     except OSError:
         pass  # the run's process is gone
     if "status" in message:
@@ -355,23 +448,23 @@ def reply(conn, message):
 
 
 def become_the_run(request, conn, fds):
-    """In the fork: take the run's streams, folder, environment and paths, then run its script
-    as __main__ with a fresh import of the project; returns the exit status."""
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """In the fork: take the run's streams, folder, environment, paths and ignored signals, import the
+    project afresh from the run's folder, then run its script as __main__; returns its exit status."""
+    for signum in FORWARDED:
+        signal.signal(signum, signal.SIG_IGN if signum in request["ignored"] else signal.SIG_DFL)
+    if signal.SIGINT not in request["ignored"]:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     for target, fd in enumerate(fds):
-        os.dup2(fd, target)
+        os.dup2(fd, target)  # the copy is inheritable, as the run's own streams were
         os.close(fd)
-    # new standard streams on the run's descriptors, made as the interpreter makes its own
-    unbuffered, encoding = sys.stdout.write_through, sys.stdout.encoding  # -u or PYTHONUNBUFFERED: write through
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
-                                                 encoding=encoding)
-    for target, name in ((1, "stdout"), (2, "stderr")):
-        raw = io.FileIO(target, "w", closefd=False)
-        stream = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=encoding,
-                                  errors="backslashreplace" if target == 2 else "strict",
-                                  line_buffering=target == 2 or raw.isatty(), write_through=unbuffered)
+    for target, name in enumerate(("stdin", "stdout", "stderr")):  # made as the run's own were (-u, encoding)
+        if name not in request["streams"]:
+            continue
+        encoding, errors, line_buffering, write_through = request["streams"][name]
+        raw = io.FileIO(target, "w" if target else "r", closefd=False)
+        layer = (raw if write_through else io.BufferedWriter(raw)) if target else io.BufferedReader(raw)
+        stream = io.TextIOWrapper(layer, encoding=encoding, errors=errors, line_buffering=line_buffering,
+                                  write_through=write_through)
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
     os.chdir(request["cwd"])
@@ -379,10 +472,18 @@ def become_the_run(request, conn, fds):
     os.environ.update(request["env"])
     sys.argv[:] = request["argv"]
     sys.path[:] = request["path"]
-    for module in [m for m in sys.modules if m == "autoresearch" or m.startswith("autoresearch.")]:
-        del sys.modules[module]  # the server's own copy: the run imports its folder's
+    root = request["server"]["root"] + os.sep
+    for module in [m for m, mod in sys.modules.items() if m == "autoresearch" or m.startswith("autoresearch.")
+                   or (getattr(mod, "__file__", None) or "").startswith(root)]:
+        del sys.modules[module]  # the server's own copies: the run imports its folder's
+    mp = sys.modules.get("multiprocessing.process")
+    if mp is not None:
+        mp.ORIGINAL_DIR = request["cwd"]  # spawned workers find the run's script from here
+    dynamo = sys.modules.get("torch._dynamo.config")
+    if dynamo is not None:  # set from the folder at import: the server's, not the run's
+        dynamo.debug_dir_root = os.path.join(request["cwd"], "torch_compile_debug")
     server = request["server"]
-    importlib.import_module("autoresearch.forkserver").FORKED = server  # its hand_off then returns at once
+    importlib.import_module("autoresearch.forkserver").mark_forked(server)  # its hand_off returns at once
 
     def watch():  # the run's process went away (killed, its terminal closed): so does the run
         try:
@@ -395,20 +496,26 @@ def become_the_run(request, conn, fds):
     up = f"{server['up']:.0f} s" if server["up"] < 120 else f"{server['up'] / 60:.0f} min"
     say(f"forked from the fork server (pid {server['pid']}, up {up}, run {server['run']}): its libraries "
         f"were imported before the run")
+    path = request["script"]
+    main = type(sys)("__main__")  # as the interpreter makes it for a script
+    main.__file__, main.__builtins__, main.__spec__ = path, __builtins__, None
+    main.__loader__ = importlib.machinery.SourceFileLoader("__main__", path)
+    sys.modules["__main__"] = main
     try:
-        runpy.run_path(request["script"], run_name="__main__")
+        with open(path, "rb") as f:
+            code = compile(f.read(), path, "exec", dont_inherit=True)
+        exec(code, vars(main))
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             return e.code or 0
         print(e.code, file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        sys.excepthook(*sys.exc_info())
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)  # as an interpreter ends on an uncaught Ctrl-C
+    except KeyboardInterrupt:  # as an interpreter does: the traceback, then end on SIGINT
+        sys.excepthook(type(sys.exc_info()[1]), sys.exc_info()[1], sys.exc_info()[2].tb_next)
+        return -signal.SIGINT
     except BaseException:
-        sys.excepthook(*sys.exc_info())
+        error = sys.exc_info()
+        sys.excepthook(error[0], error[1], error[2].tb_next or error[2])  # the run's frames, not this one
         return 1
     return 0
 
@@ -419,7 +526,21 @@ def main(argv):
     forked = serve(argv[1])
     if forked is None:
         return 0
-    return become_the_run(*forked)  # the interpreter then ends as a run's would: threads, atexit, flush
+    conn, status = forked[1], []
+
+    def report():  # registered first, so it runs last: after the run's own exit handlers and threads
+        try:
+            send_message(conn, {"own_status": status[0]})
+        except OSError:
+            pass
+        if status[0] < 0:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.signal(-status[0], signal.SIG_DFL)
+            os.kill(os.getpid(), -status[0])
+    atexit.register(report)
+    status.append(become_the_run(*forked))
+    return max(status[0], 0)  # the interpreter then ends as a run's would: threads, exit handlers, flush
 
 
 if __name__ == "__main__":

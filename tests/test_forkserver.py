@@ -202,7 +202,7 @@ def test_a_server_that_would_fork_unsafely_refuses_and_runs_stay_cold(project):
     later = run(where, env)
     assert later.returncode == 0
     assert later.stdout.startswith("imports:     cold (the fork server refused this environment: "
-                                   "2 Python threads after the imports)")
+                                   "2 Python threads after the imports; delete ")
 
 
 def test_a_server_leaves_when_idle_or_when_its_socket_goes(project):
