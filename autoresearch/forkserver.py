@@ -472,9 +472,9 @@ def become_the_run(request, conn, fds):
     os.environ.update(request["env"])
     sys.argv[:] = request["argv"]
     sys.path[:] = request["path"]
-    root = request["server"]["root"] + os.sep
+    root = request["server"]["root"]  # the server's project folder (its .venv may lie inside: not that)
     for module in [m for m, mod in sys.modules.items() if m == "autoresearch" or m.startswith("autoresearch.")
-                   or (getattr(mod, "__file__", None) or "").startswith(root)]:
+                   or os.path.dirname(getattr(mod, "__file__", None) or "") == root]:
         del sys.modules[module]  # the server's own copies: the run imports its folder's
     mp = sys.modules.get("multiprocessing.process")
     if mp is not None:

@@ -238,3 +238,30 @@ def test_unset_it_is_on_only_with_an_nvidia_device_outside_smoke_runs_and_slurm(
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.delenv("AUTORESEARCH_FORKSERVER")
     assert forkserver.setting() is False
+
+
+@pytest.mark.slow
+def test_a_forked_run_of_train_py_gives_the_cold_runs_number(prepared_cache):
+    """train.py itself, forked (a smoke run, the server forced on, importing torch): it passes the live
+    check and its summary holds the cold run's val_bpb from the same initial weights."""
+    tmp = tempfile.mkdtemp(prefix="fs", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env.update(AUTORESEARCH_SMOKE="1", AUTORESEARCH_CACHE=str(prepared_cache), TMPDIR=tmp,
+               AUTORESEARCH_FORKSERVER="1", AUTORESEARCH_FORKSERVER_IMPORTS="torch,numpy")
+    try:
+        runs = []
+        for _ in range(2):
+            runs.append(subprocess.run([sys.executable, "train.py"], cwd=ROOT, env=env, capture_output=True,
+                                       text=True, timeout=600))
+            up(env, timeout=120)
+        assert [r.returncode for r in runs] == [0, 0], [r.stderr[-2000:] for r in runs]
+        assert runs[0].stdout.startswith("imports:     cold; started a fork server")
+        assert runs[1].stdout.startswith("imports:     forked from the fork server")
+        summaries = [dict(line.split(":", 1) for line in r.stdout.split("\n---\n")[1].splitlines() if ":" in line)
+                     for r in runs]
+        assert summaries[0]["init"] == summaries[1]["init"]
+        assert summaries[0]["val_bpb"] == summaries[1]["val_bpb"]
+    finally:
+        for pid in servers(tmp):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
