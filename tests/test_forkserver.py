@@ -8,7 +8,9 @@ temporary folder, and are stopped at the end of each test.
 
 import os
 import shutil
+import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,14 @@ if what == "message":
     raise SystemExit("FAIL: one line")
 if what == "term":
     os.kill(os.getpid(), 15)
+if what == "kill":
+    os.kill(os.getpid(), 9)
+if what == "streams":
+    print("streams", sys.stdout.write_through, sys.stdout.encoding, __file__, sys.flags.optimize, flush=True)
+if what == "live":
+    from autoresearch import live, manifest
+    live.check_live({name: sha[:12] for name, sha in manifest.harness_fingerprints().items() if sha})
+    print("live ok", flush=True)
 if what == "wait":
     open("run.pid", "w").write(str(os.getpid()))
     try:
@@ -56,6 +66,7 @@ def project(tmp_path):
     def make(name, value):
         where = tmp_path / name
         shutil.copytree(ROOT / "autoresearch", where / "autoresearch", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "constants.py", where)
         (where / "mod.py").write_text(f"VALUE = {value!r}\n")
         (where / "s.py").write_text(SCRIPT)
         return where
@@ -131,7 +142,11 @@ def test_a_forked_run_ends_as_a_cold_one_would(project):
     assert message.returncode == 1 and message.stderr == "FAIL: one line\n"
     killed = run(where, env, DO="term")
     assert killed.returncode == -signal.SIGTERM  # the waiting process dies of the same signal
-    assert all("forked from" in r.stdout for r in (failed, message, killed))
+    oom = run(where, env, DO="kill")  # as the out-of-memory killer would
+    assert oom.returncode == -signal.SIGKILL and oom.stderr == ""
+    live = run(where, env, DO="live")  # the fixed files' check at the summary: the fork changed none of them
+    assert live.returncode == 0 and "live ok" in live.stdout, live.stderr
+    assert all("forked from" in r.stdout for r in (failed, message, killed, oom, live))
 
 
 def test_signals_reach_the_run_and_the_run_dies_with_its_process(project):
@@ -265,3 +280,76 @@ def test_a_forked_run_of_train_py_gives_the_cold_runs_number(prepared_cache):
         for pid in servers(tmp):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_the_run_keeps_its_ignored_signals_its_stream_settings_and_its_interpreter_flags(project):
+    make, env = project
+    where = make("a", 1)
+    run(where, env)
+    up(env)
+    pidfile = where / "run.pid"
+    nohup = subprocess.Popen([sys.executable, "s.py"], cwd=where, env={**env, "DO": "wait"}, stdout=subprocess.PIPE,
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    deadline = time.time() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.time() < deadline, "the run never started"
+        time.sleep(0.05)
+    nohup.send_signal(signal.SIGHUP)  # ignored, as under nohup: the run goes on
+    time.sleep(0.5)
+    nohup.send_signal(signal.SIGINT)
+    assert nohup.wait(timeout=30) == 7 and "interrupted" in nohup.stdout.read()
+    nohup.stdout.close()
+    unbuffered = subprocess.run([sys.executable, "-u", "s.py"], cwd=where, env={**env, "DO": "streams"},
+                                capture_output=True, text=True, timeout=60)
+    assert "forked from" in unbuffered.stdout
+    assert f"streams True utf-8 {where / 's.py'} 0" in unbuffered.stdout  # -u; __file__ absolute, as Python's
+    for _ in range(2):  # -O is in the key: its own server, started with -O
+        optimized = subprocess.run([sys.executable, "-O", "s.py"], cwd=where, env={**env, "DO": "streams"},
+                                   capture_output=True, text=True, timeout=60)
+        if "forked from" in optimized.stdout:
+            break
+        up(env)
+        time.sleep(1)
+    assert "forked from" in optimized.stdout and f"streams False utf-8 {where / 's.py'} 1" in optimized.stdout
+
+
+def test_a_closed_standard_stream_runs_cold(project):
+    make, env = project
+    where = make("a", 1)
+    run(where, env)
+    up(env)
+    closed = subprocess.run(["bash", "-c", f"{sys.executable} s.py <&-"], cwd=where, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert closed.returncode == 0
+    assert closed.stdout.startswith("imports:     cold (a standard stream is closed")
+
+
+def test_a_bad_request_leaves_nothing_open_and_the_server_serving(project):
+    make, env = project
+    where = make("a", 1)
+    run(where, env)
+    path = up(env)
+    read_end, write_end = os.pipe()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(path)
+    socket.send_fds(conn, [b"\x00\x00\x00\x05nope!"], [write_end, write_end, write_end])
+    os.close(write_end)
+    conn.settimeout(10)
+    assert conn.recv(1) == b""  # refused: closed
+    conn.close()
+    ready, _, _ = select.select([read_end], [], [], 10)
+    assert ready and os.read(read_end, 1) == b""  # the server kept no copy of what it was sent
+    os.close(read_end)
+    assert "forked from" in run(where, env).stdout
+
+
+def test_worktrees_whose_venv_links_to_one_share_a_server(project, tmp_path):
+    make, env = project
+    a, b = make("a", 1), make("b", 2)
+    (tmp_path / "venv").mkdir()
+    for where in (a, b):
+        (where / ".venv").symlink_to(tmp_path / "venv")
+    run(a, env, VIRTUAL_ENV=str(a / ".venv"), PATH=f"{a / '.venv' / 'bin'}:{env['PATH']}")
+    up(env)
+    shared = run(b, env, VIRTUAL_ENV=str(b / ".venv"), PATH=f"{b / '.venv' / 'bin'}:{env['PATH']}")
+    assert "forked from" in shared.stdout and "run 1" in shared.stdout
