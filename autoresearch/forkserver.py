@@ -294,6 +294,10 @@ def exit_as(status):
 
 def import_all(names):
     """Import what a run will; returns what was skipped (not installed)."""
+    # Inductor asks torch.cuda.is_available() at import. Through the CUDA runtime that initialises the
+    # driver, after which no fork can use CUDA; through NVML (PyTorch's switch for forking servers) it
+    # does not. Only the server's environment: a forked run takes the run's own.
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     skipped = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name == "torch.compile":  # building a compiled function imports inductor, its backend

@@ -353,3 +353,20 @@ def test_worktrees_whose_venv_links_to_one_share_a_server(project, tmp_path):
     up(env)
     shared = run(b, env, VIRTUAL_ENV=str(b / ".venv"), PATH=f"{b / '.venv' / 'bin'}:{env['PATH']}")
     assert "forked from" in shared.stdout and "run 1" in shared.stdout
+
+
+def test_the_server_imports_with_pytorchs_fork_safe_cuda_check_and_the_run_gets_its_own_environment(project):
+    """Inductor calls torch.cuda.is_available() at import: through the CUDA runtime it would initialise
+    the driver in the server (no fork could use CUDA), through NVML it does not."""
+    make, env = project
+    where = make("a", 1)
+    (where / "lib").mkdir()  # a library, outside the project: the fork keeps the server's import of it
+    (where / "lib" / "probe.py").write_text("import os\nSEEN = os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK')\n")
+    env = {**env, "AUTORESEARCH_FORKSERVER_IMPORTS": "json,probe", "PYTHONPATH": str(where / "lib")}
+    run(where, env)
+    up(env)
+    code = "import os, sys, probe; print('probe', probe.SEEN, os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'))"
+    (where / "p.py").write_text(SCRIPT.split("import os, sys, time")[0] + code + "\n")
+    result = subprocess.run([sys.executable, "p.py"], cwd=where, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert "forked from" in result.stdout and "probe 1 None" in result.stdout, result.stdout + result.stderr
