@@ -292,51 +292,52 @@ def exit_as(status):
 # =============================================================================
 
 
-def import_all(names):
-    """Import what a run will; returns what was skipped (not installed)."""
+def import_all(names, without=()):
+    """Import what a run will, but `without`; returns (what was skipped, the first import that
+    initialised the CUDA driver or None: the process is then no use to fork)."""
     # Inductor asks torch.cuda.is_available() at import. Through the CUDA runtime that initialises the
     # driver, after which no fork can use CUDA; through NVML (PyTorch's switch for forking servers) it
     # does not. Only the server's environment: a forked run takes the run's own.
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     skipped = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
-        if name == "torch.compile":  # building a compiled function imports inductor, its backend
-            import torch
-            torch.compile(lambda x: x, dynamic=False)
+        if name in without:
+            skipped.append(f"{name} (it initialised the CUDA driver)")
             continue
         if name.startswith("flash_attn"):
             os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")  # as attention.py, before import
         try:
-            if importlib.util.find_spec(name.split(".")[0]) is None:
-                skipped.append(name)
-                continue
-            importlib.import_module(name)
+            if name == "torch.compile":  # building a compiled function imports inductor, its backend
+                import torch
+                torch.compile(lambda x: x, dynamic=False)
+            elif importlib.util.find_spec(name.split(".")[0]) is None:
+                skipped.append(f"{name} (not installed)")
+            else:
+                importlib.import_module(name)
         except Exception as e:  # a broken optional library: the run meets it itself, cold or forked
             skipped.append(f"{name} ({type(e).__name__})")
-    return skipped
+        if cuda_driver_started():
+            return skipped, name
+    return skipped, None
 
 
-def unsafe_to_fork():
-    """Why forking is unsafe now, or None: CUDA initialised (by torch or the driver), or a Python thread
-    running (threads of native libraries that handle fork themselves, such as OpenBLAS's, are not seen)."""
+def cuda_driver_started():
+    """Whether this process initialised the CUDA driver (cuInit): a fork of it could not use CUDA."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        return "importing the libraries initialised CUDA"
-    if threading.active_count() > 1:
-        return f"{threading.active_count()} Python threads after the imports"
+        return True
     with open("/proc/self/maps") as f:
         if "libcuda.so" not in f.read():
-            return None
+            return False
     import ctypes
     count = ctypes.c_int()
-    if ctypes.CDLL("libcuda.so.1").cuDeviceGetCount(ctypes.byref(count)) != 3:  # 3: CUDA_ERROR_NOT_INITIALIZED
-        return "importing the libraries initialised the CUDA driver"
-    return None
+    return ctypes.CDLL("libcuda.so.1").cuDeviceGetCount(ctypes.byref(count)) != 3  # 3: CUDA_ERROR_NOT_INITIALIZED
 
 
-def serve(name):
+def serve(name, without=()):
     """The server: import, then fork a run per request. Returns (request, conn, fds) in a
-    forked run, None when the server is done."""
+    forked run, None when the server is done. An import that initialises the CUDA driver
+    makes the server start again without it (a fresh process: the driver cannot be undone)."""
     where = folder()
     lock = open(os.path.join(where, name + ".lock"), "a")
     try:
@@ -346,9 +347,16 @@ def serve(name):
     if key() != name:
         print("the environment changed before the server started", flush=True)
         return None
-    t0 = time.time()
-    skipped = import_all(imports())
-    why = unsafe_to_fork()
+    t0, environ = time.time(), dict(os.environ)  # as started: the imports set variables of their own
+    skipped, culprit = import_all(imports(), without)
+    if culprit:
+        print(f"importing {culprit} initialised the CUDA driver: starting again without it", flush=True)
+        lock.close()
+        import subprocess
+        os.execve(sys.executable, [sys.executable, *subprocess._args_from_interpreter_flags(), "-m",
+                                   "autoresearch.forkserver", "serve", name, ",".join([*without, culprit])], environ)
+    # threads of native libraries that handle fork themselves (OpenBLAS's) are not seen here
+    why = f"{threading.active_count()} Python threads after the imports" if threading.active_count() > 1 else None
     if why:
         with open(os.path.join(where, name + ".refused"), "w") as f:
             f.write(why + "\n")
@@ -362,7 +370,7 @@ def serve(name):
     inode = os.stat(sock_path).st_ino
     started, runs, children, last = time.time(), 0, {}, time.time()
     print(f"serving {sock_path}: imported {imports()} in {started - t0:.1f} s"
-          + (f" (not installed: {', '.join(skipped)})" if skipped else ""), flush=True)
+          + (f"; not: {', '.join(skipped)}" if skipped else ""), flush=True)
     while listener or children:
         ready, _, _ = select.select([listener] if listener else [], [], [], 0.1)
         for pid in list(children):
@@ -385,7 +393,7 @@ def serve(name):
                 for other in children.values():
                     other.close()
                 request["server"] = {"pid": os.getppid(), "up": time.time() - started, "run": runs,
-                                     "root": os.getcwd()}
+                                     "root": os.getcwd(), "without": list(without)}
                 return request, conn, fds
             for fd in fds:
                 os.close(fd)
@@ -498,8 +506,11 @@ def become_the_run(request, conn, fds):
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=watch, daemon=True, name="forkserver-watch").start()
     up = f"{server['up']:.0f} s" if server["up"] < 120 else f"{server['up'] / 60:.0f} min"
-    say(f"forked from the fork server (pid {server['pid']}, up {up}, run {server['run']}): its libraries "
-        f"were imported before the run")
+    said = (f"forked from the fork server (pid {server['pid']}, up {up}, run {server['run']}): its libraries "
+            f"were imported before the run")
+    if server["without"]:
+        said += f" (not {', '.join(server['without'])}: importing it initialised the CUDA driver)"
+    say(said)
     path = request["script"]
     main = type(sys)("__main__")  # as the interpreter makes it for a script
     main.__file__, main.__builtins__, main.__spec__ = path, __builtins__, None
@@ -525,9 +536,9 @@ def become_the_run(request, conn, fds):
 
 
 def main(argv):
-    if argv[:1] != ["serve"] or len(argv) != 2:
-        raise SystemExit("usage: python -m autoresearch.forkserver serve KEY (hand_off starts it)")
-    forked = serve(argv[1])
+    if argv[:1] != ["serve"] or len(argv) not in (2, 3):
+        raise SystemExit("usage: python -m autoresearch.forkserver serve KEY [WITHOUT,...] (hand_off starts it)")
+    forked = serve(argv[1], tuple(n for n in (argv[2] if len(argv) == 3 else "").split(",") if n))
     if forked is None:
         return 0
     conn, status = forked[1], []

@@ -370,3 +370,22 @@ def test_the_server_imports_with_pytorchs_fork_safe_cuda_check_and_the_run_gets_
     result = subprocess.run([sys.executable, "p.py"], cwd=where, env=env, capture_output=True, text=True,
                             timeout=60)
     assert "forked from" in result.stdout and "probe 1 None" in result.stdout, result.stdout + result.stderr
+
+
+def test_an_import_that_starts_the_cuda_driver_is_left_to_the_runs(project):
+    """A library whose import initialises the CUDA driver poisons every fork: the server starts again
+    without it, and the forked runs say which (a stand-in `torch` here reports the driver started)."""
+    make, env = project
+    where = make("a", 1)
+    lib = where / "lib"
+    lib.mkdir()
+    (lib / "torch.py").write_text("class cuda:\n    started = False\n\n"
+                                  "    @staticmethod\n    def is_initialized():\n        return cuda.started\n")
+    (lib / "poison.py").write_text("import torch\ntorch.cuda.started = True\n")
+    env = {**env, "AUTORESEARCH_FORKSERVER_IMPORTS": "json,torch,poison", "PYTHONPATH": str(lib)}
+    run(where, env)
+    up(env)
+    forked = run(where, env)
+    assert forked.returncode == 0, forked.stderr
+    assert forked.stdout.splitlines()[0].endswith("were imported before the run (not poison: importing it "
+                                                  "initialised the CUDA driver)")
