@@ -386,6 +386,7 @@ def serve(name, without=()):
                 continue
             runs += 1
             sys.stdout.flush()
+            sys.stderr.flush()
             pid = os.fork()
             if pid == 0:  # the forked run: leave the server's loop with what it needs
                 listener.close()
