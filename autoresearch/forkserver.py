@@ -7,22 +7,29 @@ machine (bench/README.md, 2026-12-07) torch took 4.5 s, dynamo 5 s, inductor 4 s
 torch.compile) and FA4 4.5 s, against 4 s of tracing and cache loads. train.py calls
 `hand_off(__file__)` before its own imports. When a server is up for this Python and
 environment, the run continues in a fork of it with this process's arguments, folder,
-environment variables and standard streams, and this process waits for it, passes
-signals on (Ctrl-C, `timeout`'s SIGTERM) and ends as it ends: same output, same exit
-status. If this process dies, the forked run is killed. When no server is up, the run
-goes on here, cold, and starts one for the runs after it; the server exits after
-AUTORESEARCH_FORKSERVER_IDLE minutes (20 by default) with no run in flight.
+environment variables, standard streams and ignored signals, and this process waits
+for it, passes signals on (Ctrl-C, `timeout`'s SIGTERM, Ctrl-Z) and ends as it ends:
+same output, same exit status (the same signal, if the run died of one). If this process
+dies, the server kills the run. When no server is up, the run goes on here, cold, and
+starts one for the runs after it; the server exits after AUTORESEARCH_FORKSERVER_IDLE
+minutes (20 by default) with no run in flight, and on SIGTERM once its runs are done.
 
-A forked run inherits the libraries and nothing else:
+What a forked run inherits is the libraries, and the number is a cold run's:
 - nothing of the project is imported before the fork: each run imports constants.py,
   prepare.py and this package from its own folder (a worktree's own copy), as a cold run;
-- CUDA is not initialised before the fork (checked after the imports: a library that
-  did would break every fork, and the server then refuses, writing why);
-- what a library may read at import is part of the key that names the server: the
-  interpreter, its flags, sys.path and the packages installed there (their metadata's names and times),
-  and the environment variables TORCH*, TRITON*, CUDA* (not CUDA_VISIBLE_DEVICES, read
-  when CUDA starts, which only the forked run does), PYTHON*, ... (KEY_PREFIXES below).
-  Change any and the next run is cold and starts a server of its own.
+- CUDA is not initialised before the fork: the server imports with PyTorch's fork-safe
+  device check (NVML) and CUDA_VISIBLE_DEVICES unset, checks the driver after each
+  import, and starts again without an import that initialised it;
+- what a library may read at import is part of the key that names the server: this
+  file, the interpreter and its options, sys.path and the packages installed there
+  (their metadata's names and times), the environment variables TORCH*, TRITON*,
+  CUDA* (not CUDA_VISIBLE_DEVICES, read when CUDA starts, in the run), PYTHON*, ...
+  (KEY_PREFIXES below), and the process's affinity, nice value, limits, umask and
+  cgroup. Change any and the next run is cold and starts a server of its own.
+Beyond the libraries a fork shares with the server what no number depends on: the
+string-hash seed, warnings the imports already gave (in the server's log), and what
+tools read from /proc (the command line `autoresearch.forkserver serve KEY`, the first
+run's environment).
 
 AUTORESEARCH_FORKSERVER: unset, on wherever an NVIDIA device is present (/dev/nvidiactl),
 but not in a smoke run or under Slurm (a job step's end kills what it started); 1 on,
@@ -112,8 +119,9 @@ def key():
     with open("/proc/self/cgroup") if os.path.exists("/proc/self/cgroup") else io.StringIO() as f:
         cgroup = f.read()
     h.update(json.dumps([this, os.path.realpath(sys.executable), sys.version, repr(sys.flags),
-                         sorted(sys._xoptions.items()), imports(), paths, env, sorted(os.sched_getaffinity(0)),
-                         os.getpriority(os.PRIO_PROCESS, 0), limits, umask, cgroup], default=str).encode())
+                         sorted(sys._xoptions.items()), sys.warnoptions, imports(), paths, env,
+                         sorted(os.sched_getaffinity(0)), os.getpriority(os.PRIO_PROCESS, 0), limits, umask, cgroup],
+                        default=str).encode())
     for path in paths:  # a package installed, upgraded or removed changes a name or a time of its metadata
         try:
             with os.scandir(path) as entries:
@@ -197,13 +205,28 @@ def start(where, name):
             return "cold (a fork server is starting for the next runs)"
     import subprocess  # only on this path
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = subprocess._args_from_interpreter_flags()  # -O, -X ...: the key holds them, so must the server
-    with open(os.path.join(where, name + ".log"), "a") as log:
-        server = subprocess.Popen([sys.executable, *flags, "-m", "autoresearch.forkserver", "serve", name],
-                                  cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    # the venv through its real folder: a worktree's linked .venv may be removed with the worktree
+    python = os.path.join(os.path.realpath(sys.prefix), "bin", os.path.basename(sys.executable))
+    try:
+        with open(os.path.join(where, name + ".log"), "a") as log:
+            server = subprocess.Popen([python if os.path.exists(python) else sys.executable, *interpreter_options(),
+                                       "-m", "autoresearch.forkserver", "serve", name], cwd=root,
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+    except OSError as e:
+        return f"cold (no fork server: {e})"
+    server.returncode = 0  # it outlives this process on purpose: no "still running" warning at exit
     return (f"cold; started a fork server (pid {server.pid}) that imports them once for the next runs and "
             f"exits after {idle_seconds() / 60:g} min without one (AUTORESEARCH_FORKSERVER=0: none)")
+
+
+def interpreter_options():
+    """This interpreter's options (-O, -X ..., -W ...), which the key holds, so the server must have them."""
+    argv, orig = sys.argv, getattr(sys, "orig_argv", [])
+    if argv and len(orig) > len(argv) and orig[len(orig) - len(argv) + 1:] == argv[1:]:
+        return orig[1:len(orig) - len(argv)]
+    import subprocess
+    return subprocess._args_from_interpreter_flags()
 
 
 def streams():
@@ -230,7 +253,7 @@ def run_forked(conn, name, script, log):
         first = None
     if first is None or "pid" not in first:  # it closed before forking (it was exiting): nothing ran, run here
         conn.close()
-        return say("cold (the fork server was exiting)")
+        return say(start(os.path.dirname(log), name).replace("cold", "cold (the fork server was exiting)", 1))
     pid, own = first["pid"], None
     conn.settimeout(None)
 
@@ -299,6 +322,7 @@ def import_all(names, without=()):
     # driver, after which no fork can use CUDA; through NVML (PyTorch's switch for forking servers) it
     # does not. Only the server's environment: a forked run takes the run's own.
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    os.environ.pop("CUDA_VISIBLE_DEVICES", None)  # what an import sees of the GPUs: all of them, as no run's
     skipped = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name in without:
@@ -348,12 +372,12 @@ def serve(name, without=()):
         print("the environment changed before the server started", flush=True)
         return None
     t0, environ = time.time(), dict(os.environ)  # as started: the imports set variables of their own
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project folder it was started from
     skipped, culprit = import_all(imports(), without)
     if culprit:
         print(f"importing {culprit} initialised the CUDA driver: starting again without it", flush=True)
-        lock.close()
-        import subprocess
-        os.execve(sys.executable, [sys.executable, *subprocess._args_from_interpreter_flags(), "-m",
+        lock.close()  # the new process takes it again at once
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:sys.orig_argv.index("-m")], "-m",
                                    "autoresearch.forkserver", "serve", name, ",".join([*without, culprit])], environ)
     # threads of native libraries that handle fork themselves (OpenBLAS's) are not seen here
     why = f"{threading.active_count()} Python threads after the imports" if threading.active_count() > 1 else None
@@ -362,6 +386,9 @@ def serve(name, without=()):
             f.write(why + "\n")
         print(f"refused: {why}", flush=True)
         return None
+    os.chdir(where)  # not the project folder: a worktree may be removed while the server serves others
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))  # finish the runs in flight
     sock_path = os.path.join(where, name + ".sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path + f".{os.getpid()}")
@@ -371,14 +398,24 @@ def serve(name, without=()):
     started, runs, children, last = time.time(), 0, {}, time.time()
     print(f"serving {sock_path}: imported {imports()} in {started - t0:.1f} s"
           + (f"; not: {', '.join(skipped)}" if skipped else ""), flush=True)
+    watched = {}  # the connection of each run in flight -> its pid, until its waiting process has gone
     while listener or children:
-        ready, _, _ = select.select([listener] if listener else [], [], [], 0.1)
+        ready, _, _ = select.select(([listener] if listener else []) + list(watched), [], [], 0.1)
+        for conn in [c for c in ready if c in watched]:
+            try:
+                gone = not conn.recv(1 << 10)  # a run's waiting process sends nothing more: this is its end
+            except OSError:
+                gone = True
+            if gone:  # the waiting process died: so does its run, even a stopped one (Ctrl-Z, then kill -9)
+                os.kill(watched.pop(conn), signal.SIGKILL)
         for pid in list(children):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                reply(children.pop(pid), {"status": os.waitstatus_to_exitcode(status)})
+                conn = children.pop(pid)
+                watched.pop(conn, None)
+                reply(conn, {"status": os.waitstatus_to_exitcode(status)})
                 last = time.time()
-        if ready:
+        if listener in ready:
             conn, _ = listener.accept()
             request, fds = receive(conn, name)
             if request is None:
@@ -394,18 +431,18 @@ def serve(name, without=()):
                 for other in children.values():
                     other.close()
                 request["server"] = {"pid": os.getppid(), "up": time.time() - started, "run": runs,
-                                     "root": os.getcwd(), "without": list(without)}
+                                     "root": root, "without": list(without)}
                 return request, conn, fds
             for fd in fds:
                 os.close(fd)
             reply(conn, {"pid": pid})
-            children[pid] = conn
+            children[pid], watched[conn] = conn, pid
             last = time.time()
         try:
             moved = os.stat(sock_path).st_ino != inode
         except OSError:
             moved = True  # removed (its folder cleaned up) or replaced
-        if listener and (moved or (not children and time.time() - last > idle_seconds())):
+        if listener and (moved or stopping or (not children and time.time() - last > idle_seconds())):
             listener.close()  # no new runs; the ones in flight finish and get their status
             listener = None
             if not moved:
@@ -462,12 +499,13 @@ def reply(conn, message):
 
 def become_the_run(request, conn, fds):
     """In the fork: take the run's streams, folder, environment, paths and ignored signals, import the
-    project afresh from the run's folder, then run its script as __main__; returns its exit status."""
+    project afresh from the run's folder, then run its script as __main__. Returns its exit status,
+    or None after an uncaught Ctrl-C (main ends the interpreter on SIGINT, as Python does)."""
     for signum in FORWARDED:
         signal.signal(signum, signal.SIG_IGN if signum in request["ignored"] else signal.SIG_DFL)
     if signal.SIGINT not in request["ignored"]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    for target, fd in enumerate(fds):
+    for target, fd in enumerate(fds):  # first: whatever fails from here on is said on the run's stderr
         os.dup2(fd, target)  # the copy is inheritable, as the run's own streams were
         os.close(fd)
     for target, name in enumerate(("stdin", "stdout", "stderr")):  # made as the run's own were (-u, encoding)
@@ -476,11 +514,15 @@ def become_the_run(request, conn, fds):
         encoding, errors, line_buffering, write_through = request["streams"][name]
         raw = io.FileIO(target, "w" if target else "r", closefd=False)
         layer = (raw if write_through else io.BufferedWriter(raw)) if target else io.BufferedReader(raw)
-        stream = io.TextIOWrapper(layer, encoding=encoding, errors=errors, line_buffering=line_buffering,
-                                  write_through=write_through)
+        stream = io.TextIOWrapper(layer, encoding=encoding, errors=errors, newline="\n",
+                                  line_buffering=line_buffering, write_through=write_through)
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
-    os.chdir(request["cwd"])
+    try:
+        os.chdir(request["cwd"])
+    except OSError as e:
+        print(f"FAIL: the run's folder is gone: {e}", file=sys.stderr, flush=True)
+        return 1
     os.environ.clear()
     os.environ.update(request["env"])
     sys.argv[:] = request["argv"]
@@ -523,16 +565,12 @@ def become_the_run(request, conn, fds):
         exec(code, vars(main))
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
-            return e.code or 0
+            return (e.code or 0) % 256  # as the process's exit would make it: sys.exit(-1) is 255
         print(e.code, file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # as an interpreter does: the traceback, then end on SIGINT
-        sys.excepthook(type(sys.exc_info()[1]), sys.exc_info()[1], sys.exc_info()[2].tb_next)
-        return -signal.SIGINT
-    except BaseException:
-        error = sys.exc_info()
-        sys.excepthook(error[0], error[1], error[2].tb_next or error[2])  # the run's frames, not this one
-        return 1
+    except BaseException as e:  # the traceback Python prints, from the run's frames on (not this one)
+        sys.excepthook(type(e), e, e.with_traceback(e.__traceback__.tb_next or e.__traceback__).__traceback__)
+        return None if isinstance(e, KeyboardInterrupt) else 1
     return 0
 
 
@@ -544,19 +582,18 @@ def main(argv):
         return 0
     conn, status = forked[1], []
 
-    def report():  # registered first, so it runs last: after the run's own exit handlers and threads
+    def report():  # at exit: the run's own status, for its waiting process if the server is gone by then
         try:
             send_message(conn, {"own_status": status[0]})
         except OSError:
             pass
-        if status[0] < 0:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            signal.signal(-status[0], signal.SIG_DFL)
-            os.kill(os.getpid(), -status[0])
     atexit.register(report)
-    status.append(become_the_run(*forked))
-    return max(status[0], 0)  # the interpreter then ends as a run's would: threads, exit handlers, flush
+    code = become_the_run(*forked)
+    status.append(-signal.SIGINT if code is None else code)
+    if code is None:  # an uncaught Ctrl-C: the interpreter exits on SIGINT after its exit handlers, as a run's
+        sys.excepthook = lambda *args: None  # its traceback is printed already
+        raise KeyboardInterrupt
+    return code  # the interpreter then ends as a run's would: threads, exit handlers, flush
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ def test_a_forked_run_ends_as_a_cold_one_would(project):
     up(env)
     failed = run(where, env, DO="fail")
     assert failed.returncode == 1 and failed.stderr.splitlines()[-1] == "ValueError: a bad edit"
-    assert "Traceback" in failed.stderr
+    assert "Traceback" in failed.stderr and "forkserver.py" not in failed.stderr  # the run's frames only
+    assert run(where, env, CODE="-1").returncode == 255  # as a process's exit makes sys.exit(-1)
     message = run(where, env, DO="message")
     assert message.returncode == 1 and message.stderr == "FAIL: one line\n"
     killed = run(where, env, DO="term")
@@ -149,31 +150,78 @@ def test_a_forked_run_ends_as_a_cold_one_would(project):
     assert all("forked from" in r.stdout for r in (failed, message, killed, oom, live))
 
 
+def waiting_run(where, env, **popen):
+    """A forked run that waits (DO=wait), started: (its waiting process, the run's pid)."""
+    pidfile = where / "run.pid"
+    pidfile.unlink(missing_ok=True)
+    waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env={**env, "DO": "wait"},
+                               stdout=subprocess.PIPE, text=True, **popen)
+    deadline = time.time() + 30
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.time() < deadline, "the run never started"
+        time.sleep(0.05)
+    forked = int(pidfile.read_text())
+    assert forked != waiting.pid
+    return waiting, forked
+
+
+def state(pid):
+    """The process's state letter, or None once it is gone (reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def wait_until(condition, what, timeout=10):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, what
+        time.sleep(0.05)
+
+
 def test_signals_reach_the_run_and_the_run_dies_with_its_process(project):
     make, env = project
     where = make("a", 1)
     run(where, env)
     up(env)
     for signum, expected in ((signal.SIGINT, 7), (signal.SIGKILL, -signal.SIGKILL)):
-        pidfile = where / "run.pid"
-        pidfile.unlink(missing_ok=True)
-        waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env={**env, "DO": "wait"},
-                                   stdout=subprocess.PIPE, text=True)
-        deadline = time.time() + 30
-        while not pidfile.exists() or not pidfile.read_text():
-            assert time.time() < deadline, "the run never started"
-            time.sleep(0.05)
-        forked = int(pidfile.read_text())
-        assert forked != waiting.pid
+        waiting, forked = waiting_run(where, env)
         waiting.send_signal(signum)
         assert waiting.wait(timeout=30) == expected
         if signum == signal.SIGINT:
             assert "interrupted" in waiting.stdout.read()
-        deadline = time.time() + 10
-        while os.path.exists(f"/proc/{forked}") and open(f"/proc/{forked}/stat").read().split()[2] != "Z":
-            assert time.time() < deadline, f"the forked run {forked} outlived its process"
-            time.sleep(0.05)
+        wait_until(lambda: state(forked) in (None, "Z"), f"the forked run {forked} outlived its process")
         waiting.stdout.close()
+    # Ctrl-Z stops the run with its waiting process; killed while stopped, the run goes with it
+    waiting, forked = waiting_run(where, env)
+    waiting.send_signal(signal.SIGTSTP)
+    wait_until(lambda: state(forked) == "T" and state(waiting.pid) == "T", "Ctrl-Z did not stop the run")
+    waiting.kill()
+    assert waiting.wait(timeout=30) == -signal.SIGKILL
+    wait_until(lambda: state(forked) in (None, "Z"), "a stopped run outlived its process")
+    waiting.stdout.close()
+
+
+def test_a_run_outlives_its_server_and_still_ends_with_its_status(project):
+    make, env = project
+    where = make("a", 1)
+    run(where, env)
+    up(env)
+    for signum in (signal.SIGTERM, signal.SIGKILL):  # spawn.sh stop's TERM: it finishes the runs in flight
+        waiting, forked = waiting_run(where, env)
+        server = [pid for pid in servers(env["TMPDIR"]) if pid != forked]
+        assert len(server) == 1
+        os.kill(server[0], signum)
+        time.sleep(0.3)
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(timeout=30) == 7, signum  # from the server, or the run's own word after a KILL
+        assert "interrupted" in waiting.stdout.read()
+        waiting.stdout.close()
+        wait_until(lambda: not servers(env["TMPDIR"]), "the server stayed after its runs")
+        run(where, env)  # a new one, for the next case
+        up(env)
 
 
 def test_each_run_imports_the_project_from_its_own_folder(project):
@@ -257,12 +305,13 @@ def test_unset_it_is_on_only_with_an_nvidia_device_outside_smoke_runs_and_slurm(
 
 @pytest.mark.slow
 def test_a_forked_run_of_train_py_gives_the_cold_runs_number(prepared_cache):
-    """train.py itself, forked (a smoke run, the server forced on, importing torch): it passes the live
-    check and its summary holds the cold run's val_bpb from the same initial weights."""
+    """train.py itself, forked (a smoke run, the server forced on, importing its whole list: torch,
+    dynamo, inductor, FA4 where installed): it passes the live check and its summary holds the cold
+    run's val_bpb from the same initial weights."""
     tmp = tempfile.mkdtemp(prefix="fs", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
     env.update(AUTORESEARCH_SMOKE="1", AUTORESEARCH_CACHE=str(prepared_cache), TMPDIR=tmp,
-               AUTORESEARCH_FORKSERVER="1", AUTORESEARCH_FORKSERVER_IMPORTS="torch,numpy")
+               AUTORESEARCH_FORKSERVER="1")
     try:
         runs = []
         for _ in range(2):
@@ -287,15 +336,11 @@ def test_the_run_keeps_its_ignored_signals_its_stream_settings_and_its_interpret
     where = make("a", 1)
     run(where, env)
     up(env)
-    pidfile = where / "run.pid"
-    nohup = subprocess.Popen([sys.executable, "s.py"], cwd=where, env={**env, "DO": "wait"}, stdout=subprocess.PIPE,
-                             text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-    deadline = time.time() + 30
-    while not pidfile.exists() or not pidfile.read_text():
-        assert time.time() < deadline, "the run never started"
-        time.sleep(0.05)
-    nohup.send_signal(signal.SIGHUP)  # ignored, as under nohup: the run goes on
+    nohup, forked = waiting_run(where, env, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    nohup.send_signal(signal.SIGHUP)  # ignored, as under nohup, by the waiting process
+    os.kill(forked, signal.SIGHUP)  # and by the run itself
     time.sleep(0.5)
+    assert state(forked) not in (None, "Z")
     nohup.send_signal(signal.SIGINT)
     assert nohup.wait(timeout=30) == 7 and "interrupted" in nohup.stdout.read()
     nohup.stdout.close()
@@ -389,3 +434,15 @@ def test_an_import_that_starts_the_cuda_driver_is_left_to_the_runs(project):
     assert forked.returncode == 0, forked.stderr
     assert forked.stdout.splitlines()[0].endswith("were imported before the run (not poison: importing it "
                                                   "initialised the CUDA driver)")
+
+
+def test_a_server_started_from_a_removed_folder_serves_the_others(project):
+    """spawn.sh confirm removes each run's worktree after it: the server that one started serves on."""
+    make, env = project
+    gone, other = make("gone", 1), make("other", 2)
+    run(gone, env)
+    up(env)
+    shutil.rmtree(gone)
+    result = run(other, env)
+    assert result.returncode == 0, result.stderr
+    assert "forked from" in result.stdout and f"run {other} ['s.py'] None 2" in result.stdout
