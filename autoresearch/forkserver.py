@@ -243,6 +243,10 @@ def run_forked(conn, name, script, log):
     reader = conn.makefile("rb")
     try:
         send_message(conn, request, (0, 1, 2))
+    except OSError:  # not all of it went: the server refuses what it cannot read whole, so nothing ran
+        conn.close()
+        return say(start(os.path.dirname(log), name).replace("cold", "cold (the fork server did not take the run)", 1))
+    try:
         conn.settimeout(START_WAIT)
         first = read_message(reader)
     except TimeoutError:
