@@ -177,7 +177,7 @@ def hand_off(script):
     conn = connect(os.path.join(where, name + ".sock"))
     if conn is None:
         return say(start(where, name))
-    run_forked(conn, name, script, os.path.join(where, name + ".log"))
+    run_forked(conn, name, script, where)
 
 
 def connect(path):
@@ -235,8 +235,14 @@ def streams():
             for name in ("stdin", "stdout", "stderr") if isinstance(stream := getattr(sys, name), io.TextIOWrapper)}
 
 
-def run_forked(conn, name, script, log):
-    """Send this run to the server, wait for it, pass signals on, exit as it exits."""
+def run_forked(conn, name, script, where):
+    """Send this run to the server, wait for it, pass signals on, exit as it exits. Returns only
+    when nothing was forked (the run goes on here, cold, and a new server is started)."""
+    log = os.path.join(where, name + ".log")
+
+    def cold(why):
+        conn.close()
+        say(start(where, name).replace("cold", f"cold ({why})", 1))
     ignored = [s for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]  # nohup, `cmd &`: so will the run
     request = {"key": name, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
                "script": os.path.abspath(script), "ignored": ignored, "streams": streams()}
@@ -244,8 +250,7 @@ def run_forked(conn, name, script, log):
     try:
         send_message(conn, request, (0, 1, 2))
     except OSError:  # not all of it went: the server refuses what it cannot read whole, so nothing ran
-        conn.close()
-        return say(start(os.path.dirname(log), name).replace("cold", "cold (the fork server did not take the run)", 1))
+        return cold("the fork server did not take the run")
     try:
         conn.settimeout(START_WAIT)
         first = read_message(reader)
@@ -256,8 +261,7 @@ def run_forked(conn, name, script, log):
     except OSError:
         first = None
     if first is None or "pid" not in first:  # it closed before forking (it was exiting): nothing ran, run here
-        conn.close()
-        return say(start(os.path.dirname(log), name).replace("cold", "cold (the fork server was exiting)", 1))
+        return cold("the fork server was exiting")
     pid, own = first["pid"], None
     conn.settimeout(None)
 
@@ -383,9 +387,8 @@ def serve(name, without=()):
         lock.close()  # the new process takes it again at once
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:sys.orig_argv.index("-m")], "-m",
                                    "autoresearch.forkserver", "serve", name, ",".join([*without, culprit])], environ)
-    # threads of native libraries that handle fork themselves (OpenBLAS's) are not seen here
-    why = f"{threading.active_count()} Python threads after the imports" if threading.active_count() > 1 else None
-    if why:
+    if threading.active_count() > 1:  # threads of native libraries that handle fork (OpenBLAS's) are not seen
+        why = f"{threading.active_count()} Python threads after the imports"
         with open(os.path.join(where, name + ".refused"), "w") as f:
             f.write(why + "\n")
         print(f"refused: {why}", flush=True)
@@ -402,8 +405,9 @@ def serve(name, without=()):
     started, runs, children, last = time.time(), 0, {}, time.time()
     print(f"serving {sock_path}: imported {imports()} in {started - t0:.1f} s"
           + (f"; not: {', '.join(skipped)}" if skipped else ""), flush=True)
-    watched = {}  # the connection of each run in flight -> its pid, until its waiting process has gone
+    killed = set()  # runs whose waiting process has gone
     while listener or children:
+        watched = {conn: pid for pid, conn in children.items() if pid not in killed}
         ready, _, _ = select.select(([listener] if listener else []) + list(watched), [], [], 0.1)
         for conn in [c for c in ready if c in watched]:
             try:
@@ -411,13 +415,13 @@ def serve(name, without=()):
             except OSError:
                 gone = True
             if gone:  # the waiting process died: so does its run, even a stopped one (Ctrl-Z, then kill -9)
-                os.kill(watched.pop(conn), signal.SIGKILL)
+                os.kill(watched[conn], signal.SIGKILL)
+                killed.add(watched[conn])
         for pid in list(children):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                conn = children.pop(pid)
-                watched.pop(conn, None)
-                reply(conn, {"status": os.waitstatus_to_exitcode(status)})
+                killed.discard(pid)
+                reply(children.pop(pid), {"status": os.waitstatus_to_exitcode(status)})
                 last = time.time()
         if listener in ready:
             conn, _ = listener.accept()
@@ -440,7 +444,7 @@ def serve(name, without=()):
             for fd in fds:
                 os.close(fd)
             reply(conn, {"pid": pid})
-            children[pid], watched[conn] = conn, pid
+            children[pid] = conn
             last = time.time()
         try:
             moved = os.stat(sock_path).st_ino != inode
@@ -584,16 +588,9 @@ def main(argv):
     forked = serve(argv[1], tuple(n for n in (argv[2] if len(argv) == 3 else "").split(",") if n))
     if forked is None:
         return 0
-    conn, status = forked[1], []
-
-    def report():  # at exit: the run's own status, for its waiting process if the server is gone by then
-        try:
-            send_message(conn, {"own_status": status[0]})
-        except OSError:
-            pass
-    atexit.register(report)
     code = become_the_run(*forked)
-    status.append(-signal.SIGINT if code is None else code)
+    # at exit, the run's own status: its waiting process takes it if the server is gone by then
+    atexit.register(reply, forked[1], {"own_status": -signal.SIGINT if code is None else code})
     if code is None:  # an uncaught Ctrl-C: the interpreter exits on SIGINT after its exit handlers, as a run's
         sys.excepthook = lambda *args: None  # its traceback is printed already
         raise KeyboardInterrupt
