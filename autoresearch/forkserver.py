@@ -28,7 +28,7 @@ What a forked run inherits is the libraries, and the number is a cold run's:
   cgroup. Change any and the next run is cold and starts a server of its own.
 Beyond the libraries a fork shares with the server what no number depends on: the
 string-hash seed, warnings the imports already gave (in the server's log), and what
-tools read from /proc (the command line `autoresearch.forkserver serve KEY`, the first
+tools read from /proc (the command line `autoresearch.forkserver serve KEY FD`, the first
 run's environment).
 
 AUTORESEARCH_FORKSERVER: unset, on wherever an NVIDIA device is present (/dev/nvidiactl),
@@ -36,7 +36,7 @@ but not in a smoke run or under Slurm (a job step's end kills what it started); 
 0 off. The run's first line says what happened: `imports: ...`.
 
 Imported by train.py before torch: it imports only the standard library and
-autoresearch.environment. `python -m autoresearch.forkserver serve KEY` is the server itself,
+autoresearch.environment. `python -m autoresearch.forkserver serve KEY FD` is the server itself,
 started by hand_off. The socket lives in a folder only this user may open
 ($TMPDIR/autoresearch-forkserver-UID, or under /tmp when $TMPDIR is long).
 """
@@ -198,23 +198,26 @@ def start(where, name):
         with open(refused) as f:
             return (f"cold (the fork server refused this environment: {f.read().strip()}; delete {refused} "
                     f"to try again)")
+    import subprocess  # only on this path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the venv through its real folder: a worktree's linked .venv may be removed with the worktree
+    python = os.path.join(os.path.realpath(sys.prefix), "bin", os.path.basename(sys.executable))
+    # The lock goes to the server held: no second run starting with this one finds it free (and
+    # starts a second server) while the server's interpreter comes up.
     with open(os.path.join(where, name + ".lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return "cold (a fork server is starting for the next runs)"
-    import subprocess  # only on this path
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # the venv through its real folder: a worktree's linked .venv may be removed with the worktree
-    python = os.path.join(os.path.realpath(sys.prefix), "bin", os.path.basename(sys.executable))
-    try:
-        with open(os.path.join(where, name + ".log"), "a") as log:
-            server = subprocess.Popen([python if os.path.exists(python) else sys.executable, *interpreter_options(),
-                                       "-m", "autoresearch.forkserver", "serve", name], cwd=root,
-                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-    except OSError as e:
-        return f"cold (no fork server: {e})"
+        try:
+            with open(os.path.join(where, name + ".log"), "a") as log:
+                server = subprocess.Popen([python if os.path.exists(python) else sys.executable,
+                                           *interpreter_options(), "-m", "autoresearch.forkserver", "serve", name,
+                                           str(lock.fileno())], cwd=root, pass_fds=(lock.fileno(),),
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        except OSError as e:
+            return f"cold (no fork server: {e})"
     server.returncode = 0  # it outlives this process on purpose: no "still running" warning at exit
     return (f"cold; started a fork server (pid {server.pid}) that imports them once for the next runs and "
             f"exits after {idle_seconds() / 60:g} min without one (AUTORESEARCH_FORKSERVER=0: none)")
@@ -366,15 +369,16 @@ def cuda_driver_started():
     return ctypes.CDLL("libcuda.so.1").cuDeviceGetCount(ctypes.byref(count)) != 3  # 3: CUDA_ERROR_NOT_INITIALIZED
 
 
-def serve(name, without=()):
+def serve(name, lock, without=()):
     """The server: import, then fork a run per request. Returns (request, conn, fds) in a
-    forked run, None when the server is done. An import that initialises the CUDA driver
-    makes the server start again without it (a fresh process: the driver cannot be undone)."""
+    forked run, None when the server is done. `lock` is the descriptor of the key's lock,
+    taken by the run that started it and held as long as this server lives. An import that
+    initialises the CUDA driver makes the server start again without it (a fresh process:
+    the driver cannot be undone), the lock held across."""
     where = folder()
-    lock = open(os.path.join(where, name + ".lock"), "a")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held already, by this descriptor: a check
+    except OSError:
         return None  # another server for this key is up or starting
     if key() != name:
         print("the environment changed before the server started", flush=True)
@@ -384,9 +388,10 @@ def serve(name, without=()):
     skipped, culprit = import_all(imports(), without)
     if culprit:
         print(f"importing {culprit} initialised the CUDA driver: starting again without it", flush=True)
-        lock.close()  # the new process takes it again at once
+        os.set_inheritable(lock, True)
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:sys.orig_argv.index("-m")], "-m",
-                                   "autoresearch.forkserver", "serve", name, ",".join([*without, culprit])], environ)
+                                   "autoresearch.forkserver", "serve", name, str(lock),
+                                   ",".join([*without, culprit])], environ)
     if threading.active_count() > 1:  # threads of native libraries that handle fork (OpenBLAS's) are not seen
         why = f"{threading.active_count()} Python threads after the imports"
         with open(os.path.join(where, name + ".refused"), "w") as f:
@@ -435,7 +440,7 @@ def serve(name, without=()):
             pid = os.fork()
             if pid == 0:  # the forked run: leave the server's loop with what it needs
                 listener.close()
-                lock.close()
+                os.close(lock)
                 for other in children.values():
                     other.close()
                 request["server"] = {"pid": os.getppid(), "up": time.time() - started, "run": runs,
@@ -583,9 +588,10 @@ def become_the_run(request, conn, fds):
 
 
 def main(argv):
-    if argv[:1] != ["serve"] or len(argv) not in (2, 3):
-        raise SystemExit("usage: python -m autoresearch.forkserver serve KEY [WITHOUT,...] (hand_off starts it)")
-    forked = serve(argv[1], tuple(n for n in (argv[2] if len(argv) == 3 else "").split(",") if n))
+    if argv[:1] != ["serve"] or len(argv) not in (3, 4) or not argv[2].isdigit():
+        raise SystemExit("usage: python -m autoresearch.forkserver serve KEY LOCK_FD [WITHOUT,...] "
+                         "(hand_off starts it)")
+    forked = serve(argv[1], int(argv[2]), tuple(n for n in (argv[3] if len(argv) == 4 else "").split(",") if n))
     if forked is None:
         return 0
     code = become_the_run(*forked)

@@ -446,3 +446,23 @@ def test_a_server_started_from_a_removed_folder_serves_the_others(project):
     result = run(other, env)
     assert result.returncode == 0, result.stderr
     assert "forked from" in result.stdout and f"run {other} ['s.py'] None 2" in result.stdout
+
+
+def test_a_run_that_starts_while_the_server_comes_up_starts_no_second_one(project):
+    """The starting run hands the key's lock to the server held: a run between the two (here the
+    server's interpreter takes 2 s to come up) finds it taken, not free, and runs cold."""
+    make, env = project
+    where = make("a", 1)
+    lib = where / "lib"
+    lib.mkdir()
+    (lib / "sitecustomize.py").write_text("import sys, time\n"
+                                          "if 'autoresearch.forkserver' in sys.orig_argv:\n    time.sleep(2)\n")
+    env = {**env, "PYTHONPATH": str(lib)}
+    first = run(where, env)
+    second = run(where, env)
+    assert "cold; started a fork server" in first.stdout
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.startswith("imports:     cold (a fork server is starting for the next runs)")
+    up(env)
+    assert len(servers(env["TMPDIR"])) == 1
+    assert "forked from" in run(where, env).stdout
