@@ -65,7 +65,7 @@ from autoresearch import environment
 IMPORTS = "torch,torch._dynamo,torch.compile,flash_attn.cute.interface,numpy,pyarrow.parquet,tiktoken"
 KEY_PREFIXES = ("TORCH", "PYTORCH", "TRITON", "INDUCTOR", "CUDA", "NVIDIA", "NCCL", "FLASH", "CUTE", "CUTLASS",
                 "PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "OPENBLAS", "GOMP_", "MALLOC_", "NPY_", "NUMPY_", "ARROW_",
-                "LANG", "LC_", "TZ", "XDG_", "UV_", "CC", "CXX")
+                "QUACK", "LANG", "LC_", "TZ", "XDG_", "UV_", "CC", "CXX")
 KEY_NAMES = ("HOME", "USER", "TMPDIR", "TEMP", "TMP",
              "AUTORESEARCH_LAUNCH")  # a night's own server: spawn.sh stop finds it, and its runs, by this
 KEY_PATHS = ("PATH", "VIRTUAL_ENV")   # by their real paths: a worktree's linked .venv is the repository's
@@ -341,6 +341,10 @@ def import_all(names, without=()):
             continue
         if name.startswith("flash_attn"):
             os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")  # as attention.py, before import
+            # FA4's quack asks torch for the GPU's capability at import, which starts the driver; QUACK_ARCH
+            # answers instead. Only with one kind of GPU on the machine: what quack caches is then any run's.
+            if "QUACK_ARCH" not in os.environ and (arch := gpu_arch()):
+                os.environ["QUACK_ARCH"] = arch
         try:
             if name == "torch.compile":  # building a compiled function imports inductor, its backend
                 import torch
@@ -354,6 +358,31 @@ def import_all(names, without=()):
         if cuda_driver_started():
             return skipped, name
     return skipped, None
+
+
+def gpu_arch():
+    """The compute capability every GPU here shares, as NVML (not CUDA) reports it: "90" on
+    Hopper; None without NVML or with GPUs of more than one kind."""
+    import ctypes
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    if nvml.nvmlInit_v2() != 0:
+        return None
+    try:
+        count, archs = ctypes.c_uint(), set()
+        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return None
+        for i in range(count.value):
+            handle, major, minor = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int()
+            if (nvml.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(handle)) != 0 or
+                    nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0):
+                return None
+            archs.add(f"{major.value}{minor.value}")
+        return archs.pop() if len(archs) == 1 else None
+    finally:
+        nvml.nvmlShutdown()
 
 
 def cuda_driver_started():
