@@ -18,8 +18,9 @@ What a forked run inherits is the libraries, and the number is a cold run's:
 - nothing of the project is imported before the fork: each run imports constants.py,
   prepare.py and this package from its own folder (a worktree's own copy), as a cold run;
 - CUDA is not initialised before the fork: the server imports with PyTorch's fork-safe
-  device check (NVML) and CUDA_VISIBLE_DEVICES unset, checks the driver after each
-  import, and starts again without an import that initialised it;
+  device check (NVML), QUACK_ARCH from NVML for FA4's quack where the GPUs are of one
+  kind, and CUDA_VISIBLE_DEVICES unset, checks the driver after each import, and starts
+  again without an import that initialised it;
 - what a library may read at import is part of the key that names the server: this
   file, the interpreter and its options, sys.path and the packages installed there
   (their metadata's names and times), the environment variables TORCH*, TRITON*,

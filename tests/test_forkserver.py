@@ -6,6 +6,7 @@ the environment it was started for. Servers here import `json` only (tiny), in a
 temporary folder, and are stopped at the end of each test.
 """
 
+import importlib.util
 import os
 import shutil
 import select
@@ -321,6 +322,9 @@ def test_a_forked_run_of_train_py_gives_the_cold_runs_number(prepared_cache):
         assert [r.returncode for r in runs] == [0, 0], [r.stderr[-2000:] for r in runs]
         assert runs[0].stdout.startswith("imports:     cold; started a fork server")
         assert runs[1].stdout.startswith("imports:     forked from the fork server")
+        if forkserver.gpu_arch() and importlib.util.find_spec("flash_attn"):
+            # FA4's import started no driver in the server: QUACK_ARCH answered quack's question
+            assert "not flash_attn" not in runs[1].stdout.splitlines()[0]
         summaries = [dict(line.split(":", 1) for line in r.stdout.split("\n---\n")[1].splitlines() if ":" in line)
                      for r in runs]
         assert summaries[0]["init"] == summaries[1]["init"]
