@@ -18,9 +18,9 @@ What a forked run inherits is the libraries, and the number is a cold run's:
 - nothing of the project is imported before the fork: each run imports constants.py,
   prepare.py and this package from its own folder (a worktree's own copy), as a cold run;
 - CUDA is not initialised before the fork: the server imports with PyTorch's fork-safe
-  device check (NVML), QUACK_ARCH from NVML for FA4's quack where the GPUs are of one
-  kind, and CUDA_VISIBLE_DEVICES unset, checks the driver after each import, and starts
-  again without an import that initialised it;
+  device check (NVML), QUACK_ARCH from NVML for FA4's quack where the GPUs have one
+  compute capability, and CUDA_VISIBLE_DEVICES unset; it checks the driver after each
+  import, and starts again without an import that initialised it;
 - what a library may read at import is part of the key that names the server: this
   file, the interpreter and its options, sys.path and the packages installed there
   (their metadata's names and times), the environment variables TORCH*, TRITON*,
@@ -29,7 +29,7 @@ What a forked run inherits is the libraries, and the number is a cold run's:
   cgroup. Change any and the next run is cold and starts a server of its own.
 Beyond the libraries a fork shares with the server what no number depends on: the
 string-hash seed, warnings the imports already gave (in the server's log), and what
-tools read from /proc (the command line `autoresearch.forkserver serve KEY FD`, the first
+tools read from /proc (the command line `autoresearch.forkserver serve KEY ...`, the first
 run's environment).
 
 AUTORESEARCH_FORKSERVER: unset, on wherever an NVIDIA device is present (/dev/nvidiactl),
@@ -37,7 +37,7 @@ but not in a smoke run or under Slurm (a job step's end kills what it started); 
 0 off. The run's first line says what happened: `imports: ...`.
 
 Imported by train.py before torch: it imports only the standard library and
-autoresearch.environment. `python -m autoresearch.forkserver serve KEY FD` is the server itself,
+autoresearch.environment. `python -m autoresearch.forkserver serve KEY FD [WITHOUT]` is the server,
 started by hand_off. The socket lives in a folder only this user may open
 ($TMPDIR/autoresearch-forkserver-UID, or under /tmp when $TMPDIR is long).
 """
@@ -243,13 +243,41 @@ def run_forked(conn, name, script, where):
     """Send this run to the server, wait for it, pass signals on, exit as it exits. Returns only
     when nothing was forked (the run goes on here, cold, and a new server is started)."""
     log = os.path.join(where, name + ".log")
-
-    def cold(why):
-        conn.close()
-        say(start(where, name).replace("cold", f"cold ({why})", 1))
     ignored = [s for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]  # nohup, `cmd &`: so will the run
     request = {"key": name, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
                "script": os.path.abspath(script), "ignored": ignored, "streams": streams()}
+    # The handlers go in before the request: a signal may come before the run's pid does. It waits
+    # for the pid, or, if nothing was forked, goes to this process as it would have without them.
+    run, pending = {}, []
+
+    def forward(signum, frame):
+        try:
+            os.kill(run["pid"], signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(signum, frame):  # Ctrl-Z: stop the run, then this process; SIGCONT resumes both
+        forward(signal.SIGSTOP, frame)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)
+
+    def resume(signum, frame):
+        signal.signal(signal.SIGTSTP, stop)
+        forward(signal.SIGCONT, frame)
+
+    def once_known(handler):
+        return lambda signum, frame: handler(signum, frame) if "pid" in run else pending.append((handler, signum))
+    handlers = {signum: forward for signum in FORWARDED if signum not in ignored}
+    handlers.update({signal.SIGTSTP: stop, signal.SIGCONT: resume})
+    before = {signum: signal.signal(signum, once_known(handler)) for signum, handler in handlers.items()}
+
+    def cold(why):
+        for signum, handler in before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for _, signum in pending:
+            os.kill(os.getpid(), signum)
+        conn.close()
+        say(start(where, name).replace("cold", f"cold ({why})", 1))
     reader = conn.makefile("rb")
     try:
         send_message(conn, request, (0, 1, 2))
@@ -268,26 +296,11 @@ def run_forked(conn, name, script, where):
         return cold("the fork server was exiting")
     pid, own = first["pid"], None
     conn.settimeout(None)
-
-    def forward(signum, frame):
-        try:
-            os.kill(pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def stop(signum, frame):  # Ctrl-Z: stop the run, then this process; SIGCONT resumes both
-        forward(signal.SIGSTOP, frame)
-        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTSTP)
-
-    def resume(signum, frame):
-        signal.signal(signal.SIGTSTP, stop)
-        forward(signal.SIGCONT, frame)
-    for signum in FORWARDED:
-        if signum not in ignored:
-            signal.signal(signum, forward)
-    signal.signal(signal.SIGTSTP, stop)
-    signal.signal(signal.SIGCONT, resume)
+    run["pid"] = pid
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    for handler, signum in pending:
+        handler(signum, None)
     while True:
         message = read_message(reader)
         if message is None:
@@ -342,8 +355,9 @@ def import_all(names, without=()):
             continue
         if name.startswith("flash_attn"):
             os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")  # as attention.py, before import
+        if name.startswith(("flash_attn", "quack")):
             # FA4's quack asks torch for the GPU's capability at import, which starts the driver; QUACK_ARCH
-            # answers instead. Only with one kind of GPU on the machine: what quack caches is then any run's.
+            # answers instead. Only where all GPUs have one capability: what quack caches is then any run's.
             if "QUACK_ARCH" not in os.environ and (arch := gpu_arch()):
                 os.environ["QUACK_ARCH"] = arch
         try:
@@ -363,13 +377,13 @@ def import_all(names, without=()):
 
 def gpu_arch():
     """The compute capability every GPU here shares, as NVML (not CUDA) reports it: "90" on
-    Hopper; None without NVML or with GPUs of more than one kind."""
+    Hopper; None without NVML, without GPUs, or with GPUs of more than one capability."""
     import ctypes
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return None
-    if nvml.nvmlInit_v2() != 0:
+        if nvml.nvmlInit_v2() != 0:
+            return None
+    except (OSError, AttributeError):  # no NVML, or one without these functions (a very old driver)
         return None
     try:
         count, archs = ctypes.c_uint(), set()
@@ -382,6 +396,8 @@ def gpu_arch():
                 return None
             archs.add(f"{major.value}{minor.value}")
         return archs.pop() if len(archs) == 1 else None
+    except AttributeError:
+        return None
     finally:
         nvml.nvmlShutdown()
 
@@ -407,9 +423,16 @@ def serve(name, lock, without=()):
     the driver cannot be undone), the lock held across."""
     where = folder()
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held already, by this descriptor: a check
-    except OSError:
-        return None  # another server for this key is up or starting
+        mine = os.fstat(lock)
+        held = os.stat(os.path.join(where, name + ".lock"))
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held already, through this descriptor
+    except OSError as e:
+        print(f"no lock for this key: {e}", flush=True)
+        return None
+    if (mine.st_dev, mine.st_ino) != (held.st_dev, held.st_ino):
+        print(f"descriptor {lock} is not this key's lock", flush=True)
+        return None
+    os.set_inheritable(lock, False)  # pass_fds made it inheritable: nothing an import starts may hold it
     if key() != name:
         print("the environment changed before the server started", flush=True)
         return None

@@ -205,6 +205,45 @@ def test_signals_reach_the_run_and_the_run_dies_with_its_process(project):
     waiting.stdout.close()
 
 
+def test_a_signal_before_the_runs_pid_waits_for_it(project):
+    """Ctrl-Z may come between the request and the server's answer (a stand-in server answers late
+    here): it stops neither process until the run's pid is known, then both; SIGCONT resumes both."""
+    make, env = project
+    where = make("a", 1)
+    run(where, env)
+    path = up(env)
+    for pid in servers(env["TMPDIR"]):
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not servers(env["TMPDIR"]), "the server outlived SIGKILL")
+    os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(30)
+    waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env=env, stdout=subprocess.PIPE, text=True)
+    target = subprocess.Popen(["sleep", "60"])
+    try:
+        conn, _ = listener.accept()
+        _, fds, _, _ = socket.recv_fds(conn, 4, 3)
+        for fd in fds:
+            os.close(fd)
+        waiting.send_signal(signal.SIGTSTP)
+        time.sleep(0.5)
+        assert state(waiting.pid) not in ("T", None) and state(target.pid) == "S"
+        forkserver.send_message(conn, {"pid": target.pid})
+        wait_until(lambda: state(target.pid) == "T" and state(waiting.pid) == "T", "Ctrl-Z was lost")
+        waiting.send_signal(signal.SIGCONT)
+        wait_until(lambda: state(target.pid) == "S" and state(waiting.pid) == "S", "SIGCONT was lost")
+        forkserver.send_message(conn, {"status": 3})
+        assert waiting.wait(timeout=30) == 3
+    finally:
+        for process in (waiting, target):
+            process.kill()
+            process.wait()
+        waiting.stdout.close()
+        listener.close()
+
+
 def test_a_run_outlives_its_server_and_still_ends_with_its_status(project):
     make, env = project
     where = make("a", 1)
@@ -323,8 +362,10 @@ def test_a_forked_run_of_train_py_gives_the_cold_runs_number(prepared_cache):
         assert runs[0].stdout.startswith("imports:     cold; started a fork server")
         assert runs[1].stdout.startswith("imports:     forked from the fork server")
         if forkserver.gpu_arch() and importlib.util.find_spec("flash_attn"):
-            # FA4's import started no driver in the server: QUACK_ARCH answered quack's question
+            # FA4's import started no driver in the server (QUACK_ARCH answered quack), nor failed there
             assert "not flash_attn" not in runs[1].stdout.splitlines()[0]
+            log = "".join(p.read_text() for p in Path(tmp).glob("autoresearch-forkserver-*/*.log"))
+            assert "serving " in log and "; not:" not in log, log
         summaries = [dict(line.split(":", 1) for line in r.stdout.split("\n---\n")[1].splitlines() if ":" in line)
                      for r in runs]
         assert summaries[0]["init"] == summaries[1]["init"]
@@ -421,17 +462,25 @@ def test_the_server_imports_with_pytorchs_fork_safe_cuda_check_and_the_run_gets_
     assert "forked from" in result.stdout and "probe 1 None" in result.stdout, result.stdout + result.stderr
 
 
-def test_an_import_that_starts_the_cuda_driver_is_left_to_the_runs(project):
-    """A library whose import initialises the CUDA driver poisons every fork: the server starts again
-    without it, and the forked runs say which (a stand-in `torch` here reports the driver started)."""
-    make, env = project
-    where = make("a", 1)
+def poisoned(where, env, restart_delay=0):
+    """The runs' environment with a stand-in `torch` whose driver `poison` starts when imported; the
+    server restarted without it takes restart_delay seconds to come up."""
     lib = where / "lib"
     lib.mkdir()
     (lib / "torch.py").write_text("class cuda:\n    started = False\n\n"
                                   "    @staticmethod\n    def is_initialized():\n        return cuda.started\n")
     (lib / "poison.py").write_text("import torch\ntorch.cuda.started = True\n")
-    env = {**env, "AUTORESEARCH_FORKSERVER_IMPORTS": "json,torch,poison", "PYTHONPATH": str(lib)}
+    (lib / "sitecustomize.py").write_text(f"import sys, time\nif 'poison' in sys.orig_argv:\n"
+                                          f"    time.sleep({restart_delay})\n")
+    return {**env, "AUTORESEARCH_FORKSERVER_IMPORTS": "json,torch,poison", "PYTHONPATH": str(lib)}
+
+
+def test_an_import_that_starts_the_cuda_driver_is_left_to_the_runs(project):
+    """A library whose import initialises the CUDA driver poisons every fork: the server starts again
+    without it, and the forked runs say which (a stand-in `torch` here reports the driver started)."""
+    make, env = project
+    where = make("a", 1)
+    env = poisoned(where, env)
     run(where, env)
     up(env)
     forked = run(where, env)
@@ -470,3 +519,88 @@ def test_a_run_that_starts_while_the_server_comes_up_starts_no_second_one(projec
     up(env)
     assert len(servers(env["TMPDIR"])) == 1
     assert "forked from" in run(where, env).stdout
+
+
+def test_a_forked_run_does_not_hold_the_servers_lock(project):
+    """A run outliving a killed server must not keep its key's lock: the next run starts a server."""
+    make, env = project
+    where = make("a", 1)
+    run(where, env)
+    up(env)
+    waiting, forked = waiting_run(where, env)
+    try:
+        with open(f"/proc/{forked}/stat") as f:
+            server = int(f.read().rsplit(")", 1)[1].split()[1])  # its parent
+        os.kill(server, signal.SIGKILL)  # not the run: it shows as the server does in /proc
+        wait_until(lambda: state(server) in (None, "Z"), "the server outlived SIGKILL")
+        assert state(forked) == "S"
+        assert "cold; started a fork server" in run(where, env).stdout
+    finally:
+        waiting.kill()
+        waiting.wait()
+        waiting.stdout.close()
+
+
+def test_the_lock_is_held_while_the_server_starts_again_without_an_import(project):
+    """The server's restart (an import started the CUDA driver) keeps the key's lock: a run meanwhile
+    (the restarted interpreter takes 2 s to come up here) starts no second server."""
+    make, env = project
+    where = make("a", 1)
+    env = poisoned(where, env, restart_delay=2)
+    run(where, env)
+    folder = Path(env["TMPDIR"], f"autoresearch-forkserver-{os.getuid()}")
+    wait_until(lambda: "starting again without it" in "".join(p.read_text() for p in folder.glob("*.log")),
+               "the server did not start again")
+    during = run(where, env)
+    assert during.stdout.startswith("imports:     cold (a fork server is starting for the next runs)")
+    up(env)
+    assert len(servers(env["TMPDIR"])) == 1
+
+
+class FakeNvml:
+    """NVML as ctypes sees it, for gpu_arch: each GPU's capability, or None for one that errs."""
+    BASE = 0x7F0000000000  # handles are pointers: a high address must survive
+
+    def __init__(self, caps, init=0):
+        self.caps, self.init, self.shutdowns = caps, init, 0
+
+    def nvmlInit_v2(self):
+        return self.init
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount_v2(self, count):
+        count._obj.value = len(self.caps)
+        return 0
+
+    def nvmlDeviceGetHandleByIndex_v2(self, index, handle):
+        handle._obj.value = self.BASE + index
+        return 0
+
+    def nvmlDeviceGetCudaComputeCapability(self, handle, major, minor):
+        cap = self.caps[handle.value - self.BASE]
+        if cap is None:
+            return 999
+        major._obj.value, minor._obj.value = cap
+        return 0
+
+
+def test_gpu_arch_is_the_capability_every_gpu_shares(monkeypatch):
+    import ctypes
+    for caps, expected in (([(9, 0)] * 8, "90"), ([(10, 0)], "100"), ([(9, 0), (10, 0)], None),
+                           ([(9, 0), None], None), ([], None)):
+        nvml = FakeNvml(caps)
+        monkeypatch.setattr(ctypes, "CDLL", lambda name: nvml)
+        assert forkserver.gpu_arch() == expected, caps
+        assert nvml.shutdowns == 1
+    nvml = FakeNvml([(9, 0)], init=1)  # NVML would not start: nothing to shut down
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: nvml)
+    assert forkserver.gpu_arch() is None and nvml.shutdowns == 0
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # a library without these functions
+    assert forkserver.gpu_arch() is None
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert forkserver.gpu_arch() is None
