@@ -246,9 +246,10 @@ def run_forked(conn, name, script, where):
     ignored = [s for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]  # nohup, `cmd &`: so will the run
     request = {"key": name, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
                "script": os.path.abspath(script), "ignored": ignored, "streams": streams()}
-    # The handlers go in before the request: a signal may come before the run's pid does. It waits
-    # for the pid, or, if nothing was forked, goes to this process as it would have without them.
-    run, pending = {}, []
+    # The handlers go in before the request: a signal may come before the run's pid does. Ctrl-Z then
+    # waits for the pid; a signal that would end the run ends the hand-off, and this process dies of
+    # it as it would have without them (the server kills a run whose waiting process is gone).
+    run, stop_pending = {}, [False]
 
     def forward(signum, frame):
         try:
@@ -265,42 +266,58 @@ def run_forked(conn, name, script, where):
         signal.signal(signal.SIGTSTP, stop)
         forward(signal.SIGCONT, frame)
 
-    def once_known(handler):
-        return lambda signum, frame: handler(signum, frame) if "pid" in run else pending.append((handler, signum))
+    def before_pid(signum, frame):
+        if signum in (signal.SIGTSTP, signal.SIGCONT):
+            stop_pending[0] = signum == signal.SIGTSTP  # pressed twice, or undone by fg: one state
+        else:
+            raise HandOffInterrupted(signum)
     handlers = {signum: forward for signum in FORWARDED if signum not in ignored}
     handlers.update({signal.SIGTSTP: stop, signal.SIGCONT: resume})
-    before = {signum: signal.signal(signum, once_known(handler)) for signum, handler in handlers.items()}
+    before = {signum: signal.signal(signum, before_pid) for signum in handlers}
 
-    def cold(why):
+    def restore():
         for signum, handler in before.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        for _, signum in pending:
-            os.kill(os.getpid(), signum)
+        if stop_pending[0]:
+            os.kill(os.getpid(), signal.SIGTSTP)
+
+    def cold(why):
+        restore()
         conn.close()
         say(start(where, name).replace("cold", f"cold ({why})", 1))
     reader = conn.makefile("rb")
     try:
-        send_message(conn, request, (0, 1, 2))
-    except OSError:  # not all of it went: the server refuses what it cannot read whole, so nothing ran
-        return cold("the fork server did not take the run")
-    try:
-        conn.settimeout(START_WAIT)
-        first = read_message(reader)
-    except TimeoutError:
-        print(f"FAIL: the fork server took the run but did not start it within {START_WAIT} s (its log: {log}); "
-              f"AUTORESEARCH_FORKSERVER=0 runs without it", file=sys.stderr, flush=True)
-        os._exit(1)
-    except OSError:
-        first = None
-    if first is None or "pid" not in first:  # it closed before forking (it was exiting): nothing ran, run here
-        return cold("the fork server was exiting")
-    pid, own = first["pid"], None
-    conn.settimeout(None)
-    run["pid"] = pid
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-    for handler, signum in pending:
-        handler(signum, None)
+        try:
+            send_message(conn, request, (0, 1, 2))
+        except OSError:  # not all of it went: the server refuses what it cannot read whole, so nothing ran
+            return cold("the fork server did not take the run")
+        try:
+            conn.settimeout(START_WAIT)
+            first = read_message(reader)
+        except TimeoutError:
+            print(f"FAIL: the fork server took the run but did not start it within {START_WAIT} s (its log: "
+                  f"{log}); AUTORESEARCH_FORKSERVER=0 runs without it", file=sys.stderr, flush=True)
+            os._exit(1)
+        except OSError:
+            first = None
+        if not isinstance(first, dict) or "pid" not in first:  # it closed before forking (it was exiting)
+            return cold("the fork server was exiting")
+        pid, own = first["pid"], None
+        conn.settimeout(None)
+        run["pid"] = pid
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    except HandOffInterrupted as e:
+        conn.close()
+        stop_pending[0] = False
+        restore()
+        os.kill(os.getpid(), e.args[0])  # as if it came now: the default action ends this process
+        os._exit(128 + e.args[0])
+    except BaseException:
+        restore()
+        raise
+    if stop_pending[0]:
+        stop(signal.SIGTSTP, None)
     while True:
         message = read_message(reader)
         if message is None:
@@ -313,6 +330,10 @@ def run_forked(conn, name, script, where):
     print(f"FAIL: the forked run (pid {pid}) ended without its exit status: the fork server stopped "
           f"(its log: {log})", file=sys.stderr, flush=True)
     os._exit(1)
+
+
+class HandOffInterrupted(Exception):
+    """A signal that ends a run came before the run's pid did (args: the signal)."""
 
 
 def read_message(reader):
@@ -490,7 +511,12 @@ def serve(name, lock, without=()):
             runs += 1
             sys.stdout.flush()
             sys.stderr.flush()
+            # Blocked across the fork: a signal for the run that comes before it has its own handlers (the
+            # server's take SIGTERM) waits for them; become_the_run unblocks it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
             pid = os.fork()
+            if pid:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
             if pid == 0:  # the forked run: leave the server's loop with what it needs
                 listener.close()
                 os.close(lock)
@@ -628,6 +654,7 @@ def become_the_run(request, conn, fds):
     try:
         with open(path, "rb") as f:
             code = compile(f.read(), path, "exec", dont_inherit=True)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # blocked since the fork: now the run's own
         exec(code, vars(main))
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):

@@ -6,6 +6,7 @@ the environment it was started for. Servers here import `json` only (tiny), in a
 temporary folder, and are stopped at the end of each test.
 """
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -151,12 +152,23 @@ def test_a_forked_run_ends_as_a_cold_one_would(project):
     assert all("forked from" in r.stdout for r in (failed, message, killed, oom, live))
 
 
-def waiting_run(where, env, **popen):
+def own_group(ignore_hup=False):
+    """For Popen: a process group of its own in pytest's session, where Ctrl-Z stops a process even
+    when pytest's own group is orphaned (started in the background by a shell that has exited: the
+    kernel then discards SIGTSTP)."""
+    def setup():
+        os.setpgrp()
+        if ignore_hup:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return setup
+
+
+def waiting_run(where, env, ignore_hup=False):
     """A forked run that waits (DO=wait), started: (its waiting process, the run's pid)."""
     pidfile = where / "run.pid"
     pidfile.unlink(missing_ok=True)
     waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env={**env, "DO": "wait"},
-                               stdout=subprocess.PIPE, text=True, **popen)
+                               stdout=subprocess.PIPE, text=True, preexec_fn=own_group(ignore_hup))
     deadline = time.time() + 30
     while not pidfile.exists() or not pidfile.read_text():
         assert time.time() < deadline, "the run never started"
@@ -205,43 +217,107 @@ def test_signals_reach_the_run_and_the_run_dies_with_its_process(project):
     waiting.stdout.close()
 
 
-def test_a_signal_before_the_runs_pid_waits_for_it(project):
-    """Ctrl-Z may come between the request and the server's answer (a stand-in server answers late
-    here): it stops neither process until the run's pid is known, then both; SIGCONT resumes both."""
-    make, env = project
-    where = make("a", 1)
+@contextlib.contextmanager
+def stand_in_server(where, env):
+    """The socket of a killed real server, now held by the test. Yields the waiting process of a run
+    sent to it, the accepted connection (its request and streams read; the answer is the test's to
+    give) and a `sleep` that stands in for the forked run."""
     run(where, env)
     path = up(env)
     for pid in servers(env["TMPDIR"]):
         os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not servers(env["TMPDIR"]), "the server outlived SIGKILL")
     os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    listener.settimeout(30)
-    waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env=env, stdout=subprocess.PIPE, text=True)
-    target = subprocess.Popen(["sleep", "60"])
-    try:
-        conn, _ = listener.accept()
-        _, fds, _, _ = socket.recv_fds(conn, 4, 3)
-        for fd in fds:
-            os.close(fd)
-        waiting.send_signal(signal.SIGTSTP)
-        time.sleep(0.5)
-        assert state(waiting.pid) not in ("T", None) and state(target.pid) == "S"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(30)
+        target = subprocess.Popen(["sleep", "60"])
+        waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env=env, stdout=subprocess.PIPE, text=True,
+                                   preexec_fn=own_group())
+        try:
+            conn, _ = listener.accept()
+            _, fds, _, _ = socket.recv_fds(conn, 4, 3)
+            for fd in fds:
+                os.close(fd)
+            yield waiting, conn, target
+        finally:
+            for process in (waiting, target):
+                process.kill()
+                process.wait()
+            waiting.stdout.close()
+
+
+def running(*pids):
+    return all(state(pid) not in ("T", None) for pid in pids)
+
+
+def test_ctrl_z_before_the_runs_pid_waits_for_it(project):
+    """Ctrl-Z may come between the request and the server's answer (a stand-in server answers late
+    here): it stops neither process until the run's pid is known, then both, once however often it
+    was pressed; SIGCONT resumes both. Ctrl-Z undone by SIGCONT before the pid stops nothing."""
+    make, env = project
+    where = make("a", 1)
+    with stand_in_server(where, env) as (waiting, conn, target):
+        for _ in range(2):
+            waiting.send_signal(signal.SIGTSTP)
+            time.sleep(0.3)  # each taken on its own (two pending at once are one)
+        assert running(waiting.pid, target.pid)
         forkserver.send_message(conn, {"pid": target.pid})
         wait_until(lambda: state(target.pid) == "T" and state(waiting.pid) == "T", "Ctrl-Z was lost")
         waiting.send_signal(signal.SIGCONT)
-        wait_until(lambda: state(target.pid) == "S" and state(waiting.pid) == "S", "SIGCONT was lost")
+        wait_until(lambda: running(waiting.pid, target.pid), "SIGCONT was lost")
+        time.sleep(0.5)
+        assert running(waiting.pid, target.pid), "stopped twice"
         forkserver.send_message(conn, {"status": 3})
         assert waiting.wait(timeout=30) == 3
-    finally:
-        for process in (waiting, target):
-            process.kill()
-            process.wait()
-        waiting.stdout.close()
-        listener.close()
+    with stand_in_server(where, env) as (waiting, conn, target):
+        waiting.send_signal(signal.SIGTSTP)
+        time.sleep(0.3)  # taken (SIGCONT discards a stop signal still pending)
+        waiting.send_signal(signal.SIGCONT)
+        time.sleep(0.3)
+        forkserver.send_message(conn, {"pid": target.pid})
+        time.sleep(0.5)
+        assert running(waiting.pid, target.pid)
+        forkserver.send_message(conn, {"status": 0})
+        assert waiting.wait(timeout=30) == 0
+
+
+def test_a_signal_that_ends_the_run_before_its_pid_ends_the_hand_off(project):
+    """SIGTERM while the server has not answered: the waiting process dies of it at once, and closes
+    the connection (a real server kills the run it forks for a closed one)."""
+    make, env = project
+    where = make("a", 1)
+    with stand_in_server(where, env) as (waiting, conn, _):
+        waiting.send_signal(signal.SIGTERM)
+        assert waiting.wait(timeout=10) == -signal.SIGTERM
+        conn.settimeout(10)
+        while conn.recv(1 << 16):  # the rest of the request, then the end
+            pass
+
+
+def test_a_run_signalled_during_the_hand_off_does_not_outlive_it(project):
+    """The real server, stopped while a run is handed to it, then continued: SIGTERM or Ctrl-C sent
+    meanwhile ends the waiting process by that signal, and the run the server then forks is gone."""
+    make, env = project
+    where = make("a", 1)
+    run(where, env)
+    up(env)
+    server, = servers(env["TMPDIR"])
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        os.kill(server, signal.SIGSTOP)
+        waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env={**env, "DO": "wait"},
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1)  # it has connected and sent the run: the socket's backlog holds it
+            waiting.send_signal(signum)
+            assert waiting.wait(timeout=10) == -signum
+        finally:
+            os.kill(server, signal.SIGCONT)
+            waiting.kill()
+            waiting.wait()
+            waiting.stdout.close()
+        wait_until(lambda: servers(env["TMPDIR"]) == [server], "a run outlived its waiting process")
 
 
 def test_a_run_outlives_its_server_and_still_ends_with_its_status(project):
@@ -381,7 +457,7 @@ def test_the_run_keeps_its_ignored_signals_its_stream_settings_and_its_interpret
     where = make("a", 1)
     run(where, env)
     up(env)
-    nohup, forked = waiting_run(where, env, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    nohup, forked = waiting_run(where, env, ignore_hup=True)
     nohup.send_signal(signal.SIGHUP)  # ignored, as under nohup, by the waiting process
     os.kill(forked, signal.SIGHUP)  # and by the run itself
     time.sleep(0.5)
@@ -462,16 +538,23 @@ def test_the_server_imports_with_pytorchs_fork_safe_cuda_check_and_the_run_gets_
     assert "forked from" in result.stdout and "probe 1 None" in result.stdout, result.stdout + result.stderr
 
 
-def poisoned(where, env, restart_delay=0):
-    """The runs' environment with a stand-in `torch` whose driver `poison` starts when imported; the
-    server restarted without it takes restart_delay seconds to come up."""
+def held_at_start(lib, word):
+    """A sitecustomize in lib that holds an interpreter whose command line has `word` until the file
+    lib/go exists (30 s at most): a server caught on its way up. The file's path."""
+    gate = lib / "go"
+    (lib / "sitecustomize.py").write_text(
+        f"import os, sys, time\nif {word!r} in sys.orig_argv:\n    deadline = time.time() + 30\n"
+        f"    while not os.path.exists({str(gate)!r}) and time.time() < deadline:\n        time.sleep(0.02)\n")
+    return gate
+
+
+def poisoned(where, env):
+    """The runs' environment with a stand-in `torch` whose driver `poison` starts when imported."""
     lib = where / "lib"
-    lib.mkdir()
+    lib.mkdir(exist_ok=True)
     (lib / "torch.py").write_text("class cuda:\n    started = False\n\n"
                                   "    @staticmethod\n    def is_initialized():\n        return cuda.started\n")
     (lib / "poison.py").write_text("import torch\ntorch.cuda.started = True\n")
-    (lib / "sitecustomize.py").write_text(f"import sys, time\nif 'poison' in sys.orig_argv:\n"
-                                          f"    time.sleep({restart_delay})\n")
     return {**env, "AUTORESEARCH_FORKSERVER_IMPORTS": "json,torch,poison", "PYTHONPATH": str(lib)}
 
 
@@ -502,17 +585,16 @@ def test_a_server_started_from_a_removed_folder_serves_the_others(project):
 
 
 def test_a_run_that_starts_while_the_server_comes_up_starts_no_second_one(project):
-    """The starting run hands the key's lock to the server held: a run between the two (here the
-    server's interpreter takes 2 s to come up) finds it taken, not free, and runs cold."""
+    """The starting run hands the key's lock to the server held: a run between the two (the server's
+    interpreter held on its way up here) finds it taken, not free, and runs cold."""
     make, env = project
     where = make("a", 1)
-    lib = where / "lib"
-    lib.mkdir()
-    (lib / "sitecustomize.py").write_text("import sys, time\n"
-                                          "if 'autoresearch.forkserver' in sys.orig_argv:\n    time.sleep(2)\n")
-    env = {**env, "PYTHONPATH": str(lib)}
+    (where / "lib").mkdir()
+    gate = held_at_start(where / "lib", "autoresearch.forkserver")
+    env = {**env, "PYTHONPATH": str(where / "lib")}
     first = run(where, env)
     second = run(where, env)
+    gate.touch()
     assert "cold; started a fork server" in first.stdout
     assert second.returncode == 0, second.stderr
     assert second.stdout.startswith("imports:     cold (a fork server is starting for the next runs)")
@@ -543,15 +625,17 @@ def test_a_forked_run_does_not_hold_the_servers_lock(project):
 
 def test_the_lock_is_held_while_the_server_starts_again_without_an_import(project):
     """The server's restart (an import started the CUDA driver) keeps the key's lock: a run meanwhile
-    (the restarted interpreter takes 2 s to come up here) starts no second server."""
+    (the restarted interpreter held on its way up here) starts no second server."""
     make, env = project
     where = make("a", 1)
-    env = poisoned(where, env, restart_delay=2)
+    env = poisoned(where, env)
+    gate = held_at_start(where / "lib", "poison")  # the restart's command line names what it leaves out
     run(where, env)
     folder = Path(env["TMPDIR"], f"autoresearch-forkserver-{os.getuid()}")
     wait_until(lambda: "starting again without it" in "".join(p.read_text() for p in folder.glob("*.log")),
                "the server did not start again")
     during = run(where, env)
+    gate.touch()
     assert during.stdout.startswith("imports:     cold (a fork server is starting for the next runs)")
     up(env)
     assert len(servers(env["TMPDIR"])) == 1
@@ -604,3 +688,27 @@ def test_gpu_arch_is_the_capability_every_gpu_shares(monkeypatch):
         raise OSError(f"{name}: cannot open shared object file")
     monkeypatch.setattr(ctypes, "CDLL", missing)
     assert forkserver.gpu_arch() is None
+
+
+def test_what_the_servers_imports_start_does_not_hold_its_lock(project):
+    """A process an import starts with every descriptor (close_fds=False) outlives a killed server:
+    it must not hold the key's lock, or no run would start a server again while it lives."""
+    make, env = project
+    where = make("a", 1)
+    (where / "lib").mkdir()
+    (where / "lib" / "spawner.py").write_text(
+        "import os, subprocess\n"
+        "child = subprocess.Popen(['sleep', '60'], close_fds=False)\n"
+        "open(os.path.join(os.path.dirname(__file__), 'child.pid'), 'w').write(str(child.pid))\n")
+    env = {**env, "AUTORESEARCH_FORKSERVER_IMPORTS": "json,spawner", "PYTHONPATH": str(where / "lib")}
+    run(where, env)
+    up(env)
+    child = int((where / "lib" / "child.pid").read_text())
+    try:
+        for pid in servers(env["TMPDIR"]):
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not servers(env["TMPDIR"]), "the server outlived SIGKILL")
+        assert state(child) == "S"
+        assert "cold; started a fork server" in run(where, env).stdout
+    finally:
+        os.kill(child, signal.SIGKILL)
