@@ -247,9 +247,11 @@ def run_forked(conn, name, script, where):
     request = {"key": name, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path,
                "script": os.path.abspath(script), "ignored": ignored, "streams": streams()}
     # The handlers go in before the request: a signal may come before the run's pid does. Ctrl-Z then
-    # waits for the pid; a signal that would end the run ends the hand-off, and this process dies of
-    # it as it would have without them (the server kills a run whose waiting process is gone).
-    run, stop_pending = {}, [False]
+    # waits for the pid. A signal that would end the run shuts the connection, which ends the hand-off
+    # wherever it is (the server kills a run it forked for a closed one), and this process dies of it
+    # as it would have without these handlers.
+    run, stop_pending, ending = {}, [False], []
+    reader = conn.makefile("rb")
 
     def forward(signum, frame):
         try:
@@ -269,28 +271,45 @@ def run_forked(conn, name, script, where):
     def before_pid(signum, frame):
         if signum in (signal.SIGTSTP, signal.SIGCONT):
             stop_pending[0] = signum == signal.SIGTSTP  # pressed twice, or undone by fg: one state
-        else:
-            raise HandOffInterrupted(signum)
+        elif not ending:
+            ending.append(signum)
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # what waits on the connection returns now
+            except OSError:
+                pass
     handlers = {signum: forward for signum in FORWARDED if signum not in ignored}
-    handlers.update({signal.SIGTSTP: stop, signal.SIGCONT: resume})
-    before = {signum: signal.signal(signum, before_pid) for signum in handlers}
+    handlers.update({signal.SIGCONT: resume, signal.SIGTSTP: stop})  # resume first: see the swap below
+    before = {}
+    for signum in handlers:
+        before[signum] = signal.signal(signum, before_pid)
 
-    def restore():
+    def restore():  # the handlers as they were, and what they missed sent again: as if it came now
         for signum, handler in before.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        if stop_pending[0]:
+        if ending:
+            os.kill(os.getpid(), ending[0])  # its action: death, or Ctrl-C's KeyboardInterrupt
+        elif stop_pending[0]:
+            stop_pending[0] = False
             os.kill(os.getpid(), signal.SIGTSTP)
 
-    def cold(why):
-        restore()
+    def close():
+        reader.close()
         conn.close()
+
+    def end():
+        close()
+        restore()
+        os._exit(128 + ending[0])
+
+    def cold(why):
+        close()
+        restore()
         say(start(where, name).replace("cold", f"cold ({why})", 1))
-    reader = conn.makefile("rb")
     try:
         try:
             send_message(conn, request, (0, 1, 2))
         except OSError:  # not all of it went: the server refuses what it cannot read whole, so nothing ran
-            return cold("the fork server did not take the run")
+            return end() if ending else cold("the fork server did not take the run")
         try:
             conn.settimeout(START_WAIT)
             first = read_message(reader)
@@ -300,23 +319,22 @@ def run_forked(conn, name, script, where):
             os._exit(1)
         except OSError:
             first = None
+        if ending:
+            return end()
         if not isinstance(first, dict) or "pid" not in first:  # it closed before forking (it was exiting)
             return cold("the fork server was exiting")
         pid, own = first["pid"], None
         conn.settimeout(None)
         run["pid"] = pid
-        for signum, handler in handlers.items():
+        for signum, handler in handlers.items():  # SIGCONT's before SIGTSTP's: a Ctrl-Z between finds its fg
             signal.signal(signum, handler)
-    except HandOffInterrupted as e:
-        conn.close()
-        stop_pending[0] = False
-        restore()
-        os.kill(os.getpid(), e.args[0])  # as if it came now: the default action ends this process
-        os._exit(128 + e.args[0])
+        if ending:  # came during the swap: the run is killed for the closed connection
+            return end()
     except BaseException:
         restore()
         raise
     if stop_pending[0]:
+        stop_pending[0] = False
         stop(signal.SIGTSTP, None)
     while True:
         message = read_message(reader)
@@ -330,10 +348,6 @@ def run_forked(conn, name, script, where):
     print(f"FAIL: the forked run (pid {pid}) ended without its exit status: the fork server stopped "
           f"(its log: {log})", file=sys.stderr, flush=True)
     os._exit(1)
-
-
-class HandOffInterrupted(Exception):
-    """A signal that ends a run came before the run's pid did (args: the signal)."""
 
 
 def read_message(reader):

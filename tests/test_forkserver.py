@@ -158,9 +158,18 @@ def own_group(ignore_hup=False):
     kernel then discards SIGTSTP)."""
     def setup():
         os.setpgrp()
+        for signum in (signal.SIGINT, signal.SIGQUIT):  # ignored under `pytest &` in a script: not here
+            signal.signal(signum, signal.SIG_DFL)
         if ignore_hup:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return setup
+
+
+def handing_off(pid):
+    """Whether the process has its hand-off handlers (SIGTSTP caught, which only run_forked does)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & 1 << (signal.SIGTSTP - 1))
 
 
 def waiting_run(where, env, ignore_hup=False):
@@ -284,16 +293,23 @@ def test_ctrl_z_before_the_runs_pid_waits_for_it(project):
 
 
 def test_a_signal_that_ends_the_run_before_its_pid_ends_the_hand_off(project):
-    """SIGTERM while the server has not answered: the waiting process dies of it at once, and closes
-    the connection (a real server kills the run it forks for a closed one)."""
+    """SIGTERM or Ctrl-C while the server has not answered: the waiting process dies of it at once, and
+    closes the connection (a real server kills the run it forks for a closed one). Two at once: it
+    dies of one of them, not of an error."""
     make, env = project
     where = make("a", 1)
-    with stand_in_server(where, env) as (waiting, conn, _):
-        waiting.send_signal(signal.SIGTERM)
-        assert waiting.wait(timeout=10) == -signal.SIGTERM
-        conn.settimeout(10)
-        while conn.recv(1 << 16):  # the rest of the request, then the end
-            pass
+    for signals in ([signal.SIGTERM], [signal.SIGINT], [signal.SIGINT, signal.SIGTERM]):
+        with stand_in_server(where, env) as (waiting, conn, _):
+            if len(signals) > 1:
+                waiting.send_signal(signal.SIGSTOP)  # both pending when it goes on
+                wait_until(lambda: state(waiting.pid) == "T", "SIGSTOP did not stop it")
+            for signum in signals:
+                waiting.send_signal(signum)
+            waiting.send_signal(signal.SIGCONT)
+            assert -waiting.wait(timeout=10) in signals
+            conn.settimeout(10)
+            while conn.recv(1 << 16):  # the rest of the request, then the end
+                pass
 
 
 def test_a_run_signalled_during_the_hand_off_does_not_outlive_it(project):
@@ -307,9 +323,10 @@ def test_a_run_signalled_during_the_hand_off_does_not_outlive_it(project):
     for signum in (signal.SIGTERM, signal.SIGINT):
         os.kill(server, signal.SIGSTOP)
         waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env={**env, "DO": "wait"},
-                                   stdout=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, text=True, preexec_fn=own_group())
         try:
-            time.sleep(1)  # it has connected and sent the run: the socket's backlog holds it
+            wait_until(lambda: handing_off(waiting.pid), "the run was not handed off")
+            time.sleep(0.2)  # it has connected and sent the run: the socket's backlog holds it
             waiting.send_signal(signum)
             assert waiting.wait(timeout=10) == -signum
         finally:
