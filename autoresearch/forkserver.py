@@ -250,7 +250,7 @@ def run_forked(conn, name, script, where):
     # waits for the pid. A signal that would end the run shuts the connection, which ends the hand-off
     # wherever it is (the server kills a run it forked for a closed one), and this process dies of it
     # as it would have without these handlers.
-    run, stop_pending, ending = {}, [False], []
+    run, stop_pending, ending, resent = {}, [False], [], []
     reader = conn.makefile("rb")
 
     def forward(signum, frame):
@@ -287,7 +287,9 @@ def run_forked(conn, name, script, where):
         for signum, handler in before.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         if ending:
-            os.kill(os.getpid(), ending[0])  # its action: death, or Ctrl-C's KeyboardInterrupt
+            if not resent:  # once: a second restore (on the way out of a KeyboardInterrupt) sends none
+                resent.append(ending[0])
+                os.kill(os.getpid(), ending[0])  # its action: death, or Ctrl-C's KeyboardInterrupt
         elif stop_pending[0]:
             stop_pending[0] = False
             os.kill(os.getpid(), signal.SIGTSTP)

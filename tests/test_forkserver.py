@@ -167,8 +167,11 @@ def own_group(ignore_hup=False):
 
 def handing_off(pid):
     """Whether the process has its hand-off handlers (SIGTSTP caught, which only run_forked does)."""
-    with open(f"/proc/{pid}/status") as f:
-        caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    except OSError:  # gone
+        return False
     return bool(caught & 1 << (signal.SIGTSTP - 1))
 
 
@@ -242,8 +245,8 @@ def stand_in_server(where, env):
         listener.listen(1)
         listener.settimeout(30)
         target = subprocess.Popen(["sleep", "60"])
-        waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env=env, stdout=subprocess.PIPE, text=True,
-                                   preexec_fn=own_group())
+        waiting = subprocess.Popen([sys.executable, "s.py"], cwd=where, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, preexec_fn=own_group())
         try:
             conn, _ = listener.accept()
             _, fds, _, _ = socket.recv_fds(conn, 4, 3)
@@ -255,6 +258,7 @@ def stand_in_server(where, env):
                 process.kill()
                 process.wait()
             waiting.stdout.close()
+            waiting.stderr.close()
 
 
 def running(*pids):
@@ -307,6 +311,8 @@ def test_a_signal_that_ends_the_run_before_its_pid_ends_the_hand_off(project):
                 waiting.send_signal(signum)
             waiting.send_signal(signal.SIGCONT)
             assert -waiting.wait(timeout=10) in signals
+            if signal.SIGINT in signals:  # one KeyboardInterrupt, as a cold run's
+                assert waiting.stderr.read().splitlines().count("KeyboardInterrupt") == 1
             conn.settimeout(10)
             while conn.recv(1 << 16):  # the rest of the request, then the end
                 pass
