@@ -250,12 +250,12 @@ def run_forked(conn, name, script, where):
     # waits for the pid. A signal that would end the run shuts the connection, which ends the hand-off
     # wherever it is (the server kills a run it forked for a closed one), and this process dies of it
     # as it would have without these handlers.
-    run, stop_pending, ending, resent = {}, [False], [], []
+    pid, stop_pending, ending, resent = None, False, None, False
     reader = conn.makefile("rb")
 
     def forward(signum, frame):
         try:
-            os.kill(run["pid"], signum)
+            os.kill(pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -269,10 +269,11 @@ def run_forked(conn, name, script, where):
         forward(signal.SIGCONT, frame)
 
     def before_pid(signum, frame):
+        nonlocal stop_pending, ending
         if signum in (signal.SIGTSTP, signal.SIGCONT):
-            stop_pending[0] = signum == signal.SIGTSTP  # pressed twice, or undone by fg: one state
+            stop_pending = signum == signal.SIGTSTP  # pressed twice, or undone by fg: one state
         elif not ending:
-            ending.append(signum)
+            ending = signum
             try:
                 conn.shutdown(socket.SHUT_RDWR)  # what waits on the connection returns now
             except OSError:
@@ -284,14 +285,15 @@ def run_forked(conn, name, script, where):
         before[signum] = signal.signal(signum, before_pid)
 
     def restore():  # the handlers as they were, and what they missed sent again: as if it came now
+        nonlocal stop_pending, resent
         for signum, handler in before.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         if ending:
             if not resent:  # once: a second restore (on the way out of a KeyboardInterrupt) sends none
-                resent.append(ending[0])
-                os.kill(os.getpid(), ending[0])  # its action: death, or Ctrl-C's KeyboardInterrupt
-        elif stop_pending[0]:
-            stop_pending[0] = False
+                resent = True
+                os.kill(os.getpid(), ending)  # its action: death, or Ctrl-C's KeyboardInterrupt
+        elif stop_pending:
+            stop_pending = False
             os.kill(os.getpid(), signal.SIGTSTP)
 
     def close():
@@ -301,7 +303,7 @@ def run_forked(conn, name, script, where):
     def end():
         close()
         restore()
-        os._exit(128 + ending[0])
+        os._exit(128 + ending)
 
     def cold(why):
         close()
@@ -327,7 +329,6 @@ def run_forked(conn, name, script, where):
             return cold("the fork server was exiting")
         pid, own = first["pid"], None
         conn.settimeout(None)
-        run["pid"] = pid
         for signum, handler in handlers.items():  # SIGCONT's before SIGTSTP's: a Ctrl-Z between finds its fg
             signal.signal(signum, handler)
         if ending:  # came during the swap: the run is killed for the closed connection
@@ -335,8 +336,8 @@ def run_forked(conn, name, script, where):
     except BaseException:
         restore()
         raise
-    if stop_pending[0]:
-        stop_pending[0] = False
+    if stop_pending:
+        stop_pending = False
         stop(signal.SIGTSTP, None)
     while True:
         message = read_message(reader)
