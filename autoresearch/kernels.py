@@ -71,8 +71,10 @@ _kernels = {}   # name -> Triton kernel, defined on first use (importing Triton 
 PIECES = ("rotary_norm", "softcapped_cross_entropy", "relu_square_mlp")
 _ran = set()    # the pieces that ran as kernels: recorded by each op, and by its fake when compile traces it
 _plain_why = {}  # piece -> why it ran as plain PyTorch where train.py called it (the GPU, not the code)
+_sm_counts = {}  # device index -> streaming multiprocessors, for the MLP kernel's persistent grid
 _mlp_fits = None  # whether the MLP kernel's tiles fit the run's GPU: set by prepare(), before compile
 _tanh = None    # the kernels' tanh, a Triton function: a module global, where Triton looks helpers up
+_relu_square_epilogue = None  # the MLP kernel's epilogue, likewise
 
 
 def fused_kernels():
@@ -136,7 +138,7 @@ def _compute_dtype(x):
 
 def _triton_kernels():
     """Define the Triton kernels once, on first use."""
-    global _tanh
+    global _tanh, _relu_square_epilogue
     if _kernels:
         return _kernels
     import triton
@@ -154,6 +156,15 @@ def _triton_kernels():
         return t
 
     _tanh = tanh
+
+    @triton.jit
+    def relu_square_epilogue(acc, post, BACKWARD: tl.constexpr):
+        if BACKWARD:
+            return acc * 2.0 * tl.sqrt(post.to(tl.float32))
+        acc = tl.maximum(acc, 0.0)
+        return acc * acc
+
+    _relu_square_epilogue = relu_square_epilogue
 
     @triton.jit
     def rotary_norm_fwd(x_ptr, cos_ptr, sin_ptr, y_ptr, rstd_ptr, n_rows, heads, T, eps,
@@ -246,32 +257,47 @@ def _triton_kernels():
     @triton.jit
     def relu_square_matmul(a_desc, b_desc, out_desc, post_desc, M, N, K: tl.constexpr, BACKWARD: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, TILES: tl.constexpr,
+                           SUBTILE: tl.constexpr, PREFETCH: tl.constexpr):
         # out = a @ bᵀ (a: M x K, b: N x K), then in the same tile: forward, out = ReLU(out)²;
         # backward, out · 2·sqrt(post), ReLU²'s derivative 2·ReLU(h) read from its saved output
         # post = ReLU(h)² (zero where h <= 0, as the derivative is), so h is never stored.
-        pid = tl.program_id(0)
+        # Persistent: PROGRAMS programs (one an SM) take TILES tiles each, in one flattened loop, so
+        # the next tile's loads are in flight while this one's epilogue writes (the model's K loop is
+        # short: 8 steps at width 512). The trip count is a constant, not the tile count: Triton's
+        # CPU interpreter takes no tensor as a loop bound.
         tiles_m = tl.cdiv(M, BLOCK_M)
-        tiles_n = tl.cdiv(N, BLOCK_N)
-        # GROUP_M row tiles walk the columns together: their b tiles stay in L2
-        group = pid // (GROUP_M * tiles_n)
-        first_m = group * GROUP_M
-        rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        m = (first_m + (pid % (GROUP_M * tiles_n)) % rows) * BLOCK_M
-        n = ((pid % (GROUP_M * tiles_n)) // rows) * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            a = a_desc.load([m, k])
-            b = b_desc.load([n, k])
-            if UPCAST:  # Triton's CPU interpreter multiplies 16-bit tiles wrongly (numpy has no bfloat16)
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
-        if BACKWARD:
-            acc = acc * 2.0 * tl.sqrt(post_desc.load([m, n]).to(tl.float32))
-        else:
-            acc = tl.maximum(acc, 0.0)
-            acc = acc * acc
-        out_desc.store([m, n], acc.to(out_desc.dtype))
+        per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+        half: tl.constexpr = BLOCK_N // 2
+        for i in tl.range(0, TILES, flatten=True):
+            # GROUP_M row tiles walk the columns together: their b tiles stay in L2. A tile past
+            # the last lies beyond N (in the last group) or beyond M: TMA loads zeros, stores nothing.
+            tile = tl.program_id(0) + i * PROGRAMS
+            first_m = (tile // per_group) * GROUP_M
+            rows = tl.maximum(tl.minimum(tiles_m - first_m, GROUP_M), 1)
+            m = (first_m + (tile % per_group) % rows) * BLOCK_M
+            n = ((tile % per_group) // rows) * BLOCK_N
+            post0 = 0.0  # the forward reads no post
+            post1 = 0.0
+            if BACKWARD and PREFETCH:  # post's tile on its way during the K loop
+                post0 = post_desc.load([m, n])
+                post1 = post_desc.load([m, n + half]) if SUBTILE else post0
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                a = a_desc.load([m, k])
+                b = b_desc.load([n, k])
+                if UPCAST:  # Triton's CPU interpreter multiplies 16-bit tiles wrongly (numpy has no bfloat16)
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
+            if BACKWARD and not PREFETCH:
+                post0 = post_desc.load([m, n])
+                post1 = post_desc.load([m, n + half]) if SUBTILE else post0
+            if SUBTILE:  # two (BLOCK_M, BLOCK_N / 2) halves: half the epilogue's shared memory
+                acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
+                out_desc.store([m, n], _relu_square_epilogue(acc0, post0, BACKWARD).to(out_desc.dtype))
+                out_desc.store([m, n + half], _relu_square_epilogue(acc1, post1, BACKWARD).to(out_desc.dtype))
+            else:
+                out_desc.store([m, n], _relu_square_epilogue(acc, post0, BACKWARD).to(out_desc.dtype))
 
     _kernels.update(rotary_norm_fwd=rotary_norm_fwd, rotary_norm_bwd=rotary_norm_bwd, softcapped_ce=softcapped_ce,
                     relu_square_matmul=relu_square_matmul)
@@ -432,8 +458,10 @@ def softcapped_cross_entropy(x, weight, targets, cap):
 # Tiles of relu_square_matmul, read at every call (bench/fused.py times the alternatives)
 MLP_BLOCK_M, MLP_BLOCK_N, MLP_BLOCK_K = 128, 256, 64
 MLP_GROUP_M = 8   # row tiles that walk the columns together (L2 reuse of the weight's tiles)
-MLP_STAGES = 4    # tiles of a and b in flight, 4 x 48 KiB in bf16: 1.09x faster than 3 (H200, bench/fused.py)
+MLP_STAGES = 3    # tiles of a and b in flight, 3 x 48 KiB in bf16
 MLP_WARPS = 8
+MLP_SUBTILE = True     # the epilogue stores two half tiles: what lets 3 stages fit beside it
+MLP_PREFETCH = False   # the backward loads post's tile before its K loop, not after
 
 
 def _mlp_tiles_fit(device):
@@ -457,24 +485,38 @@ def _relu_square_matmul(a, b, post=None):
     N = b.size(0)
     backward = post is not None
     out = a.new_empty(M, N)
-    # float32 takes a quarter of the K-step: its tiles are twice bf16's bytes, and its output and
-    # `post` tiles too (the epilogue reuses the pipeline's shared memory, as bf16's 4 stages
-    # showed on the GPU). The step is a power of 2 from 16 (the tensor cores' smallest); TMA
-    # reads zeros past the matrix's edge.
-    step = MLP_BLOCK_K if a.element_size() == 2 else MLP_BLOCK_K // 4
+    # float32 takes a quarter of the K-step and half the columns: its tiles are twice bf16's bytes,
+    # and its output and `post` tiles too, which sit in shared memory beside the next tile's
+    # stages. The step is a power of 2 from 16 (the tensor cores' smallest); TMA reads zeros
+    # past the matrix's edge.
+    wide = a.element_size() > 2
+    step = MLP_BLOCK_K // 4 if wide else MLP_BLOCK_K
     bk = max(16, min(step, 1 << (K - 1).bit_length()))
-    bm, bn = MLP_BLOCK_M, MLP_BLOCK_N
-    grid = (-(-M // bm) * -(-N // bn),)
+    bm, bn = MLP_BLOCK_M, max(16, MLP_BLOCK_N // 2) if wide else MLP_BLOCK_N
+    tiles = -(-M // bm) * -(-N // bn)
+    programs = min(tiles, _programs(a.device))
     a, b = _aligned(a), _aligned(b)
     post = _aligned(post) if backward else out  # forward: a placeholder the kernel never reads
+    sub = MLP_SUBTILE and bn // 2 * out.element_size() >= 16  # a TMA tile's rows: at least 16 bytes
+    on = [bm, bn // 2] if sub else [bm, bn]
     # float32 multiplies as the plain version's matmul would: TF32 unless the run asked for "highest"
     precision = "ieee" if a.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
-    _triton_kernels()["relu_square_matmul"][grid](
+    _triton_kernels()["relu_square_matmul"][(programs,)](
         TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
-        TensorDescriptor.from_tensor(out, [bm, bn]), TensorDescriptor.from_tensor(post, [bm, bn]),
+        TensorDescriptor.from_tensor(out, on), TensorDescriptor.from_tensor(post, on),
         M, N, K=K, BACKWARD=backward, UPCAST=_interpret and a.element_size() < 4, PRECISION=precision,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, PROGRAMS=programs, TILES=-(-tiles // programs),
+        SUBTILE=sub, PREFETCH=MLP_PREFETCH and backward, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
     return out
+
+
+def _programs(device):
+    """The persistent MLP kernel's programs: one an SM (3 under the interpreter, so tests walk several tiles)."""
+    if _interpret:
+        return 3
+    if device.index not in _sm_counts:
+        _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_counts[device.index]
 
 
 @torch.library.custom_op("autoresearch::relu_square_mlp", mutates_args=())

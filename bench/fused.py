@@ -192,7 +192,7 @@ def mlp_figures(out):
     out["mlp_tflops_cublas_matmul"] = flops / median_ms(lambda: xb @ wb.t()) / 1e9
     saved = (kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_STAGES,
              kernels.MLP_WARPS)
-    for tiles in ((128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8), (128, 128, 64, 8, 4, 4), (256, 128, 64, 8, 3, 8)):
+    for tiles in ((128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 2, 8), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 4, 8)):
         (kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_STAGES,
          kernels.MLP_WARPS) = tiles
         key = "x".join(map(str, tiles))

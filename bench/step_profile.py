@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402
 
 from autoresearch import gpu  # noqa: E402  (first: it sets the CUDA allocator's options, as in a run)
-from autoresearch import attention, seeding  # noqa: E402
+from autoresearch import attention, kernels, seeding  # noqa: E402
 import constants  # noqa: E402
 import train  # noqa: E402
 
@@ -103,6 +103,7 @@ def main():
     _, peak_flops, _ = gpu.describe_device(device)  # the H100 figure for a GPU the table lacks
     torch.set_float32_matmul_precision("high")
     print("attention:", attention.select_attention(device))
+    kernels.prepare(device)  # as main(): which fused kernels this GPU takes (the MLP's), before anything compiles
     config = train.model_config(8192)
     model, optimizer = train.build_model(config, device, seeding.DEFAULT_SEED)  # seed 42, as a run
     attention.prepare_attention(config, model.window_sizes, device)  # flex block masks or the FA4 probe, before compile
@@ -149,6 +150,7 @@ def main():
     torch.cuda.synchronize()
     print(f"first forward+backward (model compile): {t1 - t0:.1f} s; first optimizer step: {time.time() - t1:.1f} s",
           flush=True)
+    print("fused:", kernels.fused_line(device))  # the pieces that ran as kernels, as a run's `fused:` line
     torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(args.steps):
