@@ -74,7 +74,6 @@ _plain_why = {}  # piece -> why it ran as plain PyTorch where train.py called it
 _sm_counts = {}  # device index -> streaming multiprocessors, for the MLP kernel's persistent grid
 _mlp_fits = None  # whether the MLP kernel's tiles fit the run's GPU: set by prepare(), before compile
 _tanh = None    # the kernels' tanh, a Triton function: a module global, where Triton looks helpers up
-_relu_square_epilogue = None  # the MLP kernel's epilogue, likewise
 
 
 def fused_kernels():
@@ -138,7 +137,7 @@ def _compute_dtype(x):
 
 def _triton_kernels():
     """Define the Triton kernels once, on first use."""
-    global _tanh, _relu_square_epilogue
+    global _tanh
     if _kernels:
         return _kernels
     import triton
@@ -156,15 +155,6 @@ def _triton_kernels():
         return t
 
     _tanh = tanh
-
-    @triton.jit
-    def relu_square_epilogue(acc, post, BACKWARD: tl.constexpr):
-        if BACKWARD:
-            return acc * 2.0 * tl.sqrt(post.to(tl.float32))
-        acc = tl.maximum(acc, 0.0)
-        return acc * acc
-
-    _relu_square_epilogue = relu_square_epilogue
 
     @triton.jit
     def rotary_norm_fwd(x_ptr, cos_ptr, sin_ptr, y_ptr, rstd_ptr, n_rows, heads, T, eps,
@@ -258,7 +248,7 @@ def _triton_kernels():
     def relu_square_matmul(a_desc, b_desc, out_desc, post_desc, M, N, K: tl.constexpr, BACKWARD: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, TILES: tl.constexpr,
-                           SUBTILE: tl.constexpr, PREFETCH: tl.constexpr):
+                           SUBTILE: tl.constexpr):
         # out = a @ bᵀ (a: M x K, b: N x K), then in the same tile: forward, out = ReLU(out)²;
         # backward, out · 2·sqrt(post), ReLU²'s derivative 2·ReLU(h) read from its saved output
         # post = ReLU(h)² (zero where h <= 0, as the derivative is), so h is never stored.
@@ -268,20 +258,15 @@ def _triton_kernels():
         # CPU interpreter takes no tensor as a loop bound.
         tiles_m = tl.cdiv(M, BLOCK_M)
         per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-        half: tl.constexpr = BLOCK_N // 2
+        pid = tl.program_id(0)
         for i in tl.range(0, TILES, flatten=True):
             # GROUP_M row tiles walk the columns together: their b tiles stay in L2. A tile past
             # the last lies beyond N (in the last group) or beyond M: TMA loads zeros, stores nothing.
-            tile = tl.program_id(0) + i * PROGRAMS
+            tile = pid + i * PROGRAMS
             first_m = (tile // per_group) * GROUP_M
             rows = tl.maximum(tl.minimum(tiles_m - first_m, GROUP_M), 1)
             m = (first_m + (tile % per_group) % rows) * BLOCK_M
             n = ((tile % per_group) // rows) * BLOCK_N
-            post0 = 0.0  # the forward reads no post
-            post1 = 0.0
-            if BACKWARD and PREFETCH:  # post's tile on its way during the K loop
-                post0 = post_desc.load([m, n])
-                post1 = post_desc.load([m, n + half]) if SUBTILE else post0
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k in range(0, K, BLOCK_K):
                 a = a_desc.load([m, k])
@@ -289,15 +274,33 @@ def _triton_kernels():
                 if UPCAST:  # Triton's CPU interpreter multiplies 16-bit tiles wrongly (numpy has no bfloat16)
                     a, b = a.to(tl.float32), b.to(tl.float32)
                 acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
-            if BACKWARD and not PREFETCH:
-                post0 = post_desc.load([m, n])
-                post1 = post_desc.load([m, n + half]) if SUBTILE else post0
+            # the epilogue's tile again, from its own index: the loads of the next tile need not
+            # wait on these values (as Triton's persistent matmul does it)
+            tile_out = pid + i * PROGRAMS
+            first_m = (tile_out // per_group) * GROUP_M
+            rows = tl.maximum(tl.minimum(tiles_m - first_m, GROUP_M), 1)
+            m = (first_m + (tile_out % per_group) % rows) * BLOCK_M
+            n = ((tile_out % per_group) // rows) * BLOCK_N
             if SUBTILE:  # two (BLOCK_M, BLOCK_N / 2) halves: half the epilogue's shared memory
-                acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
-                out_desc.store([m, n], _relu_square_epilogue(acc0, post0, BACKWARD).to(out_desc.dtype))
-                out_desc.store([m, n + half], _relu_square_epilogue(acc1, post1, BACKWARD).to(out_desc.dtype))
+                acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+                acc0, acc1 = tl.split(acc)
+                if BACKWARD:
+                    acc0 = acc0 * 2.0 * tl.sqrt(post_desc.load([m, n]).to(tl.float32))
+                    acc1 = acc1 * 2.0 * tl.sqrt(post_desc.load([m, n + BLOCK_N // 2]).to(tl.float32))
+                else:
+                    acc0 = tl.maximum(acc0, 0.0)
+                    acc0 = acc0 * acc0
+                    acc1 = tl.maximum(acc1, 0.0)
+                    acc1 = acc1 * acc1
+                out_desc.store([m, n], acc0.to(out_desc.dtype))
+                out_desc.store([m, n + BLOCK_N // 2], acc1.to(out_desc.dtype))
             else:
-                out_desc.store([m, n], _relu_square_epilogue(acc, post0, BACKWARD).to(out_desc.dtype))
+                if BACKWARD:
+                    acc = acc * 2.0 * tl.sqrt(post_desc.load([m, n]).to(tl.float32))
+                else:
+                    acc = tl.maximum(acc, 0.0)
+                    acc = acc * acc
+                out_desc.store([m, n], acc.to(out_desc.dtype))
 
     _kernels.update(rotary_norm_fwd=rotary_norm_fwd, rotary_norm_bwd=rotary_norm_bwd, softcapped_ce=softcapped_ce,
                     relu_square_matmul=relu_square_matmul)
@@ -460,8 +463,7 @@ MLP_BLOCK_M, MLP_BLOCK_N, MLP_BLOCK_K = 128, 256, 64
 MLP_GROUP_M = 8   # row tiles that walk the columns together (L2 reuse of the weight's tiles)
 MLP_STAGES = 3    # tiles of a and b in flight, 3 x 48 KiB in bf16
 MLP_WARPS = 8
-MLP_SUBTILE = True     # the epilogue stores two half tiles: what lets 3 stages fit beside it
-MLP_PREFETCH = False   # the backward loads post's tile before its K loop, not after
+MLP_SUBTILE = True  # the epilogue stores two half tiles: what lets 3 stages fit beside it
 
 
 def _mlp_tiles_fit(device):
@@ -506,7 +508,7 @@ def _relu_square_matmul(a, b, post=None):
         TensorDescriptor.from_tensor(out, on), TensorDescriptor.from_tensor(post, on),
         M, N, K=K, BACKWARD=backward, UPCAST=_interpret and a.element_size() < 4, PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, PROGRAMS=programs, TILES=-(-tiles // programs),
-        SUBTILE=sub, PREFETCH=MLP_PREFETCH and backward, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
+        SUBTILE=sub, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
     return out
 
 
