@@ -193,10 +193,12 @@ CASES = [
     ("ce_fp32_negative_target", out_of_vocabulary_case, dict(dtype=torch.float32, N=4, C=8, V=40, cap=15.0,
                                                              target=-100)),
     ("ce_bf16", cross_entropy_case, dict(dtype=torch.bfloat16, N=8, C=32, V=100, cap=15.0, ignored=(5,))),
-    # 50 rows in tiles of 16 (the last one ragged), 128 columns in 4, K in 2 steps, 4 row tiles in groups of 3
+    # 50 rows in tiles of 16 (the last one ragged), 128 columns in 8 (float32 takes half of 32's columns), K in 2
+    # steps, 4 row tiles in groups of 3: 32 tiles for 3 programs, the last slot past the matrix
     ("mlp_fp32_ragged_tiles", mlp_case, dict(dtype=torch.float32, B=2, T=25, C=32, blocks=(16, 32, 16), group=3)),
-    # K = 24 in steps of 16 (the last one ragged); 96 columns in tiles of 64 (the last one ragged)
-    ("mlp_fp32_ragged_k_and_columns", mlp_case, dict(dtype=torch.float32, B=1, T=37, C=24, blocks=(16, 64, 16),
+    # K = 24 in steps of 16 (the last one ragged); 96 columns in one tile of 128 (float32 halves 256), whose
+    # second half tile, stored on its own, is ragged
+    ("mlp_fp32_ragged_k_and_columns", mlp_case, dict(dtype=torch.float32, B=1, T=37, C=24, blocks=(16, 256, 16),
                                                      group=2)),
     ("mlp_fp32_whole_tile_epilogue", mlp_case, dict(dtype=torch.float32, B=2, T=25, C=32, blocks=(16, 32, 16),
                                                     group=3, subtile=False)),

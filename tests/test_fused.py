@@ -161,7 +161,7 @@ def test_a_gpu_the_mlp_kernel_does_not_fit_gets_the_compiled_plain_mlp(monkeypat
     assert not calls and "relu_square_mlp" not in kernels._ran, "the custom op ran on a GPU its kernel does not fit"
     assert kernels.fused_line("cuda") == (
         "rotary_norm, softcapped_cross_entropy (Triton kernels); plain PyTorch: relu_square_mlp "
-        "(this GPU: its kernel needs TMA and 200 KiB of shared memory)")
+        "(this GPU: its kernel needs TMA and 210 KiB of shared memory)")
 
 
 def test_no_piece_that_ran_as_a_kernel_is_said_so(monkeypatch):
