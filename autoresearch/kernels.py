@@ -71,7 +71,6 @@ _kernels = {}   # name -> Triton kernel, defined on first use (importing Triton 
 PIECES = ("rotary_norm", "softcapped_cross_entropy", "relu_square_mlp")
 _ran = set()    # the pieces that ran as kernels: recorded by each op, and by its fake when compile traces it
 _plain_why = {}  # piece -> why it ran as plain PyTorch where train.py called it (the GPU, not the code)
-_sm_counts = {}  # device index -> streaming multiprocessors, for the MLP kernel's persistent grid
 _mlp_fits = None  # whether the MLP kernel's tiles fit the run's GPU: set by prepare(), before compile
 _tanh = None    # the kernels' tanh, a Triton function: a module global, where Triton looks helpers up
 
@@ -513,12 +512,9 @@ def _relu_square_matmul(a, b, post=None):
 
 
 def _programs(device):
-    """The persistent MLP kernel's programs: one an SM (3 under the interpreter, so tests walk several tiles)."""
-    if _interpret:
-        return 3
-    if device.index not in _sm_counts:
-        _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _sm_counts[device.index]
+    """The persistent MLP kernel's programs: one an SM (3 under the interpreter, so tests walk several tiles).
+    PyTorch keeps each device's properties once read: asking again costs nothing."""
+    return 3 if _interpret else torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @torch.library.custom_op("autoresearch::relu_square_mlp", mutates_args=())
