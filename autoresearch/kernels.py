@@ -247,7 +247,7 @@ def _triton_kernels():
     def relu_square_matmul(a_desc, b_desc, out_desc, post_desc, M, N, K: tl.constexpr, BACKWARD: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, TILES: tl.constexpr,
-                           SUBTILE: tl.constexpr):
+                           SUBTILE: tl.constexpr, PREFETCH: tl.constexpr):
         # out = a @ bᵀ (a: M x K, b: N x K), then in the same tile: forward, out = ReLU(out)²;
         # backward, out · 2·sqrt(post), ReLU²'s derivative 2·ReLU(h) read from its saved output
         # post = ReLU(h)² (zero where h <= 0, as the derivative is), so h is never stored.
@@ -266,6 +266,10 @@ def _triton_kernels():
             rows = tl.maximum(tl.minimum(tiles_m - first_m, GROUP_M), 1)
             m = (first_m + (tile % per_group) % rows) * BLOCK_M
             n = ((tile % per_group) // rows) * BLOCK_N
+            if BACKWARD and PREFETCH:  # post's tile asked for before the K loop: its load overlaps the products
+                p0 = post_desc.load([m, n])
+                if SUBTILE:
+                    p1 = post_desc.load([m, n + BLOCK_N // 2])
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k in range(0, K, BLOCK_K):
                 a = a_desc.load([m, k])
@@ -284,8 +288,11 @@ def _triton_kernels():
                 acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
                 acc0, acc1 = tl.split(acc)
                 if BACKWARD:
-                    acc0 = acc0 * 2.0 * tl.sqrt(post_desc.load([m, n]).to(tl.float32))
-                    acc1 = acc1 * 2.0 * tl.sqrt(post_desc.load([m, n + BLOCK_N // 2]).to(tl.float32))
+                    if not PREFETCH:
+                        p0 = post_desc.load([m, n])
+                        p1 = post_desc.load([m, n + BLOCK_N // 2])
+                    acc0 = acc0 * 2.0 * tl.sqrt(p0.to(tl.float32))
+                    acc1 = acc1 * 2.0 * tl.sqrt(p1.to(tl.float32))
                 else:
                     acc0 = tl.maximum(acc0, 0.0)
                     acc0 = acc0 * acc0
@@ -295,7 +302,9 @@ def _triton_kernels():
                 out_desc.store([m, n + BLOCK_N // 2], acc1.to(out_desc.dtype))
             else:
                 if BACKWARD:
-                    acc = acc * 2.0 * tl.sqrt(post_desc.load([m, n]).to(tl.float32))
+                    if not PREFETCH:
+                        p0 = post_desc.load([m, n])
+                    acc = acc * 2.0 * tl.sqrt(p0.to(tl.float32))
                 else:
                     acc = tl.maximum(acc, 0.0)
                     acc = acc * acc
@@ -463,6 +472,8 @@ MLP_GROUP_M = 8   # row tiles that walk the columns together (L2 reuse of the we
 MLP_STAGES = 3    # tiles of a and b in flight, 3 x 48 KiB in bf16
 MLP_WARPS = 8
 MLP_SUBTILE = True  # the epilogue stores two half tiles: what lets 3 stages fit beside it
+MLP_PREFETCH = False  # the backward asks for post's tile before its K loop: off until a GPU has timed it
+                      # (bench/fused.py: it needs post's tile in shared memory beside the stages, 2 at 128 x 256)
 
 
 def _mlp_tiles_fit(device):
@@ -507,7 +518,7 @@ def _relu_square_matmul(a, b, post=None):
         TensorDescriptor.from_tensor(out, on), TensorDescriptor.from_tensor(post, on),
         M, N, K=K, BACKWARD=backward, UPCAST=_interpret and a.element_size() < 4, PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, PROGRAMS=programs, TILES=-(-tiles // programs),
-        SUBTILE=sub, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
+        SUBTILE=sub, PREFETCH=MLP_PREFETCH, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
     return out
 
 

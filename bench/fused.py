@@ -11,7 +11,8 @@ For each piece of autoresearch/kernels.py, at train.py's default shapes:
   - the median time of forward + backward;
   - for the cross-entropy and the MLP, the extra memory a call holds at its peak;
   - the tile settings the kernels read at each call (ROTARY_ROWS; CE_CHUNK x CE_WARPS;
-    the MLP's tiles, group, stages and warps),
+    the MLP's tiles, group, stages, warps, halved epilogue and the backward's early
+    read of post, with each half's TFLOP/s against cuBLAS's plain matmul),
     each timed, so a new GPU can show whether another setting is faster.
 The plain definitions are what the tests pin the kernels to; this measures what the
 kernels buy. No data needed: random tensors.
@@ -186,24 +187,34 @@ def mlp_figures(out):
     for name, fn in (("compiled_plain", compiled_plain), ("fused", kernels.relu_square_mlp)):
         peak_and_time(out, "mlp", name, step(fn))
 
-    # the forward's matmul alone: cuBLAS's plain matmul against the kernel's matmul with ReLU² in its tiles
+    # each half alone: cuBLAS's plain matmul against the kernel's matmul with ReLU² (forward) or its
+    # derivative (backward, reading post) in its tiles, at each tile setting the kernel reads
     xb, wb = x.detach(), w_fc.detach().bfloat16()
+    gb, wpt = grad, w_proj.detach().bfloat16().t().contiguous()  # the backward's operands: (N, C), (H, C)
     flops = 2 * N * C * H
     out["mlp_tflops_cublas_matmul"] = flops / median_ms(lambda: xb @ wb.t()) / 1e9
-    saved = (kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_STAGES,
-             kernels.MLP_WARPS)
-    for tiles in ((128, 256, 64, 8, 3, 8), (128, 256, 64, 8, 2, 8), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 4, 8)):
-        (kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_STAGES,
-         kernels.MLP_WARPS) = tiles
-        key = "x".join(map(str, tiles))
+    names = ("MLP_BLOCK_M", "MLP_BLOCK_N", "MLP_BLOCK_K", "MLP_GROUP_M", "MLP_STAGES", "MLP_WARPS", "MLP_SUBTILE",
+             "MLP_PREFETCH")
+    saved = tuple(getattr(kernels, name) for name in names)
+    post = kernels._relu_square_matmul(xb, wb)
+    for tiles in ((128, 256, 64, 8, 3, 8, True, False), (128, 256, 64, 8, 2, 8, True, False),
+                  (128, 256, 64, 8, 2, 8, True, True),
+                  (128, 256, 64, 8, 3, 8, True, True), (128, 128, 64, 8, 4, 8, True, True),
+                  (128, 128, 64, 8, 4, 4, False, True), (64, 256, 64, 8, 4, 4, True, True)):
+        for name, value in zip(names, tiles):
+            setattr(kernels, name, value)
+        key = "x".join(map(str, tiles[:6])) + "".join(f"_{n}" for n, on in zip(("subtile", "prefetch"), tiles[6:])
+                                                      if on)
         try:
             forward_ms = median_ms(lambda: kernels._relu_square_matmul(xb, wb))
+            backward_ms = median_ms(lambda: kernels._relu_square_matmul(gb, wpt, post))
             out[f"mlp_tflops_kernel_forward_{key}"] = flops / forward_ms / 1e9
+            out[f"mlp_tflops_kernel_backward_{key}"] = flops / backward_ms / 1e9
             out[f"mlp_ms_fused_{key}"] = median_ms(step(kernels.relu_square_mlp), repeats=10)
         except Exception as e:  # a tile the card's shared memory cannot hold
             out[f"mlp_tiles_{key}"] = f"{type(e).__name__}: {str(e)[:200]}"
-    (kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_STAGES,
-     kernels.MLP_WARPS) = saved
+    for name, value in zip(names, saved):
+        setattr(kernels, name, value)
 
 
 def main(json_path=None):

@@ -120,17 +120,18 @@ def out_of_vocabulary_case(device, dtype, N, C, V, cap, target, seed=0):
                 others_finite=bool(losses[1:].isfinite().all()))
 
 
-def mlp_case(device, dtype, B, T, C, blocks=None, group=None, tiles_fit=True, subtile=True, seed=0):
+def mlp_case(device, dtype, B, T, C, blocks=None, group=None, tiles_fit=True, subtile=True, prefetch=False, seed=0):
     """relu_square_mlp against relu_square_mlp_plain: output and the gradients of x and both
     weights, and the no-grad (evaluation) output. `blocks` (M, N, K) smaller than the
     matrices take several tiles with ragged edges (the interpreter's 3 programs walk them, the
     last tiles past the matrix); `group` row tiles walk the columns together; `subtile` False
-    stores each output tile whole; `tiles_fit` False is a GPU whose shared memory the tiles do
-    not fit (the ops' PyTorch path)."""
-    saved = kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_SUBTILE
+    stores each output tile whole; `prefetch` loads the backward's post before its K loop;
+    `tiles_fit` False is a GPU whose shared memory the tiles do not fit (the ops' PyTorch path)."""
+    saved = (kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_SUBTILE,
+             kernels.MLP_PREFETCH)
     kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K = blocks or saved[:3]
     kernels.MLP_GROUP_M = group or saved[3]
-    kernels.MLP_SUBTILE = subtile
+    kernels.MLP_SUBTILE, kernels.MLP_PREFETCH = subtile, prefetch
     programs_saved = kernels._programs
     if blocks:  # 3 programs on a GPU too (one an SM would give each a single tile): each walks several
         kernels._programs = lambda device: 3
@@ -141,7 +142,8 @@ def mlp_case(device, dtype, B, T, C, blocks=None, group=None, tiles_fit=True, su
     try:
         return _mlp_case(device, dtype, B, T, C, seed)
     finally:
-        kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_SUBTILE = saved
+        (kernels.MLP_BLOCK_M, kernels.MLP_BLOCK_N, kernels.MLP_BLOCK_K, kernels.MLP_GROUP_M, kernels.MLP_SUBTILE,
+         kernels.MLP_PREFETCH) = saved
         kernels._programs = programs_saved
         kernels._mlp_tiles_fit, kernels._mlp_fits = tiles_fit_saved, fits_saved
 
@@ -202,6 +204,10 @@ CASES = [
                                                      group=2)),
     ("mlp_fp32_whole_tile_epilogue", mlp_case, dict(dtype=torch.float32, B=2, T=25, C=32, blocks=(16, 32, 16),
                                                     group=3, subtile=False)),
+    ("mlp_fp32_post_before_k_loop", mlp_case, dict(dtype=torch.float32, B=2, T=25, C=32, blocks=(16, 32, 16),
+                                                   group=3, prefetch=True)),
+    ("mlp_fp32_whole_post_before_k_loop", mlp_case, dict(dtype=torch.float32, B=1, T=37, C=24, blocks=(16, 256, 16),
+                                                         group=2, subtile=False, prefetch=True)),
     ("mlp_fp32_one_tile", mlp_case, dict(dtype=torch.float32, B=1, T=9, C=16)),  # the default tiles, mostly outside
     ("mlp_bf16", mlp_case, dict(dtype=torch.bfloat16, B=2, T=12, C=32, blocks=(16, 64, 16), group=2)),
     ("mlp_fp32_unaligned_width", mlp_case, dict(dtype=torch.float32, B=1, T=5, C=12)),  # rows not 16-byte aligned
