@@ -98,12 +98,12 @@ def _cross_entropy_case(device, dtype, N, C, V, cap, ignored, per_token_grad, se
         objective = (losses * u).sum() if per_token_grad else losses.sum() / (targets != -1).sum()
         objective.backward()
         results.append((losses, xi.grad, wi.grad, type(losses.grad_fn).__name__))
-    (l, dx, dw, node), (l0, dx0, dw0, _) = results
+    (loss, dx, dw, node), (loss0, dx0, dw0, _) = results
     with torch.no_grad():  # the evaluation's path: losses only, no gradient written
-        l_nograd = kernels.softcapped_cross_entropy(x, weight.to(dtype), targets, cap)
-    return dict(fused="autoresearch_softcapped_cross_entropy" in node, dtype_same=l.dtype == l0.dtype,
-                losses=_max_diff(l, l0), losses_nograd=_max_diff(l_nograd, l0), ignored_zero=bool(
-                    (l.view(-1)[list(ignored)] == 0).all()) if ignored else True,
+        loss_nograd = kernels.softcapped_cross_entropy(x, weight.to(dtype), targets, cap)
+    return dict(fused="autoresearch_softcapped_cross_entropy" in node, dtype_same=loss.dtype == loss0.dtype,
+                losses=_max_diff(loss, loss0), losses_nograd=_max_diff(loss_nograd, loss0), ignored_zero=bool(
+                    (loss.view(-1)[list(ignored)] == 0).all()) if ignored else True,
                 dx=_max_diff(dx, dx0), dw=_max_diff(dw, dw0), scale=max(dx0.abs().max().item(), dw0.abs().max().item()))
 
 
