@@ -473,7 +473,8 @@ MLP_STAGES = 3    # tiles of a and b in flight, 3 x 48 KiB in bf16
 MLP_WARPS = 8
 MLP_SUBTILE = True  # the epilogue stores two half tiles: what lets 3 stages fit beside it
 MLP_PREFETCH = False  # the backward asks for post's tile before its K loop: off until a GPU has timed it
-                      # (bench/fused.py: it needs post's tile in shared memory beside the stages, 2 at 128 x 256)
+                      # (bench/fused.py). Built for sm_90 it holds post in registers: at 128 x 256 ptxas spills
+MLP_SHARED_MEMORY = 210 * 1024  # what a block of these tiles may need, asked of the GPU (tests build it for sm_90)
 
 
 def _mlp_tiles_fit(device):
@@ -482,7 +483,7 @@ def _mlp_tiles_fit(device):
     if _interpret:
         return True
     props = torch.cuda.get_device_properties(device)
-    return props.major >= 9 and props.shared_memory_per_block_optin >= 210 * 1024
+    return props.major >= 9 and props.shared_memory_per_block_optin >= MLP_SHARED_MEMORY
 
 
 def _aligned(t):
@@ -497,19 +498,11 @@ def _relu_square_matmul(a, b, post=None):
     N = b.size(0)
     backward = post is not None
     out = a.new_empty(M, N)
-    # float32 takes a quarter of the K-step and half the columns: its tiles are twice bf16's bytes,
-    # and its output and `post` tiles too, which sit in shared memory beside the next tile's
-    # stages. The step is a power of 2 from 16 (the tensor cores' smallest); TMA reads zeros
-    # past the matrix's edge.
-    wide = a.element_size() > 2
-    step = MLP_BLOCK_K // 4 if wide else MLP_BLOCK_K
-    bk = max(16, min(step, 1 << (K - 1).bit_length()))
-    bm, bn = MLP_BLOCK_M, max(16, MLP_BLOCK_N // 2) if wide else MLP_BLOCK_N
+    bm, bn, bk, sub = _mlp_tiles(K, a.element_size())
     tiles = -(-M // bm) * -(-N // bn)
     programs = min(tiles, _programs(a.device))
     a, b = _aligned(a), _aligned(b)
     post = _aligned(post) if backward else out  # forward: a placeholder the kernel never reads
-    sub = MLP_SUBTILE and bn // 2 * out.element_size() >= 16  # a TMA tile's rows: at least 16 bytes
     on = [bm, bn // 2] if sub else [bm, bn]
     # float32 multiplies as the plain version's matmul would: TF32 unless the run asked for "highest"
     precision = "ieee" if a.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
@@ -520,6 +513,20 @@ def _relu_square_matmul(a, b, post=None):
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, PROGRAMS=programs, TILES=-(-tiles // programs),
         SUBTILE=sub, PREFETCH=MLP_PREFETCH, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
     return out
+
+
+def _mlp_tiles(K, element_size):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SUBTILE) of the kernel for a K-wide product of elements this size.
+
+    float32 takes a quarter of the K-step and half the columns: its tiles are twice bf16's bytes,
+    and its output and `post` tiles too, which sit in shared memory beside the next tile's
+    stages. The step is a power of 2 from 16 (the tensor cores' smallest); TMA reads zeros
+    past the matrix's edge. A half tile's rows must hold 16 bytes (TMA's least)."""
+    wide = element_size > 2
+    step = MLP_BLOCK_K // 4 if wide else MLP_BLOCK_K
+    bk = max(16, min(step, 1 << (K - 1).bit_length()))
+    bn = max(16, MLP_BLOCK_N // 2) if wide else MLP_BLOCK_N
+    return MLP_BLOCK_M, bn, bk, MLP_SUBTILE and bn // 2 * element_size >= 16
 
 
 def _programs(device):

@@ -2,7 +2,8 @@
 Tests for autoresearch/kernels.py's fused pieces (rotary_norm, softcapped_cross_entropy,
 relu_square_mlp): each is pinned to its plain PyTorch definition, forward and gradients,
 on a CPU through Triton's interpreter and, on a CUDA machine, on the GPU and inside
-torch.compile.
+torch.compile. The MLP kernel is also built for an H100 without one: its shared memory
+against what prepare() asks of the GPU, and no register spills.
 Also the one decision (kernels or plain) and its switch.
 
     uv run pytest tests/test_fused.py          # ~15 s on a CPU
@@ -10,6 +11,7 @@ Also the one decision (kernels or plain) and its switch.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +143,41 @@ def test_fused_line_names_a_piece_that_did_not_run_as_a_kernel(monkeypatch):
                                           "plain PyTorch: relu_square_mlp (not called as a kernel)")
     monkeypatch.setattr(kernels, "_ran", set(kernels.PIECES))
     assert kernels.fused_line("cuda") == "rotary_norm, softcapped_cross_entropy, relu_square_mlp (Triton kernels)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_mlp_kernel_built_for_an_h100_fits_what_prepare_asks_of_the_gpu(dtype, tmp_path, monkeypatch):
+    """No GPU needed: Triton builds the MLP kernel for sm_90 (an H100) at train.py's widths and the
+    module's tile settings, forward and backward. Each block needs at most MLP_SHARED_MEMORY, what
+    prepare()'s fit check asks of the card (more, and every H100 run would fail at its first step),
+    and ptxas keeps it in registers (a spill to local memory slows the kernel several-fold)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # built afresh, into the test's own folder
+    C = 512  # train.py's width: K of both products (x @ w_fcᵀ, and dout @ w_proj)
+    bm, bn, bk, sub = kernels._mlp_tiles(C, dtype.itemsize)
+    kind = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    out = f"tensordesc<{kind}[{bm}, {bn // 2 if sub else bn}]>"
+    signature = {"a_desc": f"tensordesc<{kind}[{bm}, {bk}]>", "b_desc": f"tensordesc<{kind}[{bn}, {bk}]>",
+                 "out_desc": out, "post_desc": out, "M": "i32", "N": "i32"}
+    kernel = kernels._triton_kernels()["relu_square_matmul"]
+    for backward in (False, True):
+        constants = dict(K=C, BACKWARD=backward, UPCAST=False, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                         GROUP_M=kernels.MLP_GROUP_M, PROGRAMS=132, TILES=16, SUBTILE=sub,
+                         PREFETCH=kernels.MLP_PREFETCH)
+        source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                           constexprs={(kernel.arg_names.index(name),): v for name, v in constants.items()})
+        built = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_stages=kernels.MLP_STAGES, num_warps=kernels.MLP_WARPS))
+        assert 0 < built.metadata.shared <= kernels.MLP_SHARED_MEMORY, (backward, built.metadata.shared)
+        ptx = tmp_path / f"mlp_{backward}.ptx"
+        ptx.write_text(built.asm["ptx"])
+        report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(ptx), "-o", f"{ptx}.cubin"],
+                                capture_output=True, text=True, check=True).stderr
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report)]
+        assert spills and not any(spills), (backward, report)
 
 
 def test_a_gpu_the_mlp_kernel_does_not_fit_gets_the_compiled_plain_mlp(monkeypatch):
