@@ -150,7 +150,8 @@ def test_the_mlp_kernel_built_for_an_h100_fits_what_prepare_asks_of_the_gpu(dtyp
     """No GPU needed: Triton builds the MLP kernel for sm_90 (an H100) at train.py's widths and the
     module's tile settings, forward and backward. Each block needs at most MLP_SHARED_MEMORY, what
     prepare()'s fit check asks of the card (more, and every H100 run would fail at its first step),
-    and ptxas keeps it in registers (a spill to local memory slows the kernel several-fold)."""
+    and ptxas keeps it in registers (a spill to local memory slows the kernel several-fold). float32
+    as train.py multiplies it, in TF32 ("high"); "highest" (IEEE products) spills, and no run takes it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
