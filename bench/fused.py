@@ -199,7 +199,8 @@ def mlp_figures(out):
     post = kernels._relu_square_matmul(xb, wb)
     for tiles in ((128, 256, 64, 8, 3, 8, True, False), (128, 256, 64, 8, 2, 8, True, False),
                   (128, 256, 64, 8, 2, 8, True, True),
-                  (128, 256, 64, 8, 3, 8, True, True), (128, 128, 64, 8, 4, 8, True, True),
+                  (128, 256, 64, 8, 3, 8, True, True), (128, 128, 64, 8, 4, 8, True, False),
+                  (128, 128, 64, 8, 4, 8, True, True),
                   (128, 128, 64, 8, 4, 4, False, True), (64, 256, 64, 8, 4, 4, True, True)):
         for name, value in zip(names, tiles):
             setattr(kernels, name, value)

@@ -134,7 +134,8 @@ run_in() {
 outside() {
     awk -v w="$(cat "$BENCH_OUT/$1.wall" 2>/dev/null)" '/^training_seconds:/ {t = $2}
          END {if (t != "" && w != "") printf "outside the budget: %.1f s (wall %.1f s)\n", w - t, w
-              else print "outside the budget: no figure (the run did not finish)"}' "$BENCH_OUT/$1.log"
+              else if (t == "") print "outside the budget: no figure (no training_seconds: the run did not finish)"
+              else print "outside the budget: no figure (no wall time recorded)"}' "$BENCH_OUT/$1.log"
 }
 
 fresh_cache() { printf '%s\n' "$WORK/compile-$1-$(date +%s)"; }

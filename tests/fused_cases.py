@@ -25,12 +25,14 @@ def _max_diff(a, b):
 
 class KernelLaunches:
     """Counts the fused kernels' launches (so a test knows the kernels, not the plain
-    version, produced what it checks), restoring them on exit."""
+    version, produced what it checks) and keeps each launch's keyword arguments (the
+    settings it compiled with), restoring the kernels on exit."""
 
     def __enter__(self):
         self.kernels = kernels._triton_kernels()
         self.saved = dict(self.kernels)
         self.counts = dict.fromkeys(self.saved, 0)
+        self.settings = {name: [] for name in self.saved}
         for name, kernel in self.saved.items():
             self.kernels[name] = self._counted(name, kernel)
         return self
@@ -41,7 +43,12 @@ class KernelLaunches:
         class Counted:
             def __getitem__(self, grid):
                 launches.counts[name] += 1
-                return kernel[grid]
+                launcher = kernel[grid]
+
+                def launch(*args, **settings):
+                    launches.settings[name].append(settings)
+                    return launcher(*args, **settings)
+                return launch
         return Counted()
 
     def __exit__(self, *exc):
@@ -161,13 +168,16 @@ def _mlp_case(device, dtype, B, T, C, seed):
             y = f(*inputs)
             y.backward(upstream)
         results.append((y, *(t.grad for t in inputs), launches.counts["relu_square_matmul"]))
+        if f is kernels.relu_square_mlp:  # the backward's early read of post, as its launches asked
+            prefetch = sorted({s["PREFETCH"] for s in launches.settings["relu_square_matmul"] if s["BACKWARD"]})
     (y, dx, dw_fc, dw_proj, launched), (y0, dx0, dw_fc0, dw_proj0, _) = results
     with torch.no_grad(), KernelLaunches() as launches:
         y_nograd = kernels.relu_square_mlp(x, w_fc, w_proj)
     grads = ((dx, dx0), (dw_fc, dw_fc0), (dw_proj, dw_proj0))
     nograd = launches.counts["relu_square_matmul"]
     return dict(fused=launched == 2 and nograd == 1, launches=launched + nograd,  # forward, backward; no-grad
-                dtype_same=y.dtype == y0.dtype, forward=max(_max_diff(y, y0), _max_diff(y_nograd, y0)),
+                prefetch=prefetch, dtype_same=y.dtype == y0.dtype,
+                forward=max(_max_diff(y, y0), _max_diff(y_nograd, y0)),
                 forward_scale=y0.abs().max().item(),
                 backward=max(_max_diff(a, b) / b.abs().max().item() for a, b in grads))
 
@@ -206,8 +216,9 @@ CASES = [
                                                     group=3, subtile=False)),
     ("mlp_fp32_post_before_k_loop", mlp_case, dict(dtype=torch.float32, B=2, T=25, C=32, blocks=(16, 32, 16),
                                                    group=3, prefetch=True)),
-    ("mlp_fp32_whole_post_before_k_loop", mlp_case, dict(dtype=torch.float32, B=1, T=37, C=24, blocks=(16, 256, 16),
-                                                         group=2, subtile=False, prefetch=True)),
+    # 16 whole tiles for 3 programs: each program reads post early for several tiles
+    ("mlp_fp32_whole_post_before_k_loop", mlp_case, dict(dtype=torch.float32, B=2, T=25, C=32, blocks=(16, 64, 16),
+                                                         group=3, subtile=False, prefetch=True)),
     ("mlp_fp32_one_tile", mlp_case, dict(dtype=torch.float32, B=1, T=9, C=16)),  # the default tiles, mostly outside
     ("mlp_bf16", mlp_case, dict(dtype=torch.bfloat16, B=2, T=12, C=32, blocks=(16, 64, 16), group=2)),
     ("mlp_fp32_unaligned_width", mlp_case, dict(dtype=torch.float32, B=1, T=5, C=12)),  # rows not 16-byte aligned

@@ -47,6 +47,7 @@ def check_case(name, case):
     assert case["dtype_same"], f"{name}: the fused piece returns another dtype than the plain one"
     bf16 = "bf16" in name
     if name.startswith("mlp"):
+        assert case["prefetch"] == ["post_before_k_loop" in name], f"{name}: the backward's setting: {case}"
         tolerance = 2**-6 if bf16 else 1e-5  # a few bf16 ulp (each side rounds h, ReLU², the gradients)
         assert case["forward"] <= tolerance * case["forward_scale"], (name, case)
         assert case["backward"] <= tolerance, (name, case)  # each gradient's error over its own largest value
