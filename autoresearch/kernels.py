@@ -498,35 +498,37 @@ def _relu_square_matmul(a, b, post=None):
     N = b.size(0)
     backward = post is not None
     out = a.new_empty(M, N)
-    bm, bn, bk, sub = _mlp_tiles(K, a.element_size())
-    tiles = -(-M // bm) * -(-N // bn)
-    programs = min(tiles, _programs(a.device))
+    settings = _mlp_settings(M, N, K, a.dtype, backward, _programs(a.device))
+    bm, bn, bk = settings["BLOCK_M"], settings["BLOCK_N"], settings["BLOCK_K"]
+    on = [bm, bn // 2] if settings["SUBTILE"] else [bm, bn]
     a, b = _aligned(a), _aligned(b)
     post = _aligned(post) if backward else out  # forward: a placeholder the kernel never reads
-    on = [bm, bn // 2] if sub else [bm, bn]
-    # float32 multiplies as the plain version's matmul would: TF32 unless the run asked for "highest"
-    precision = "ieee" if a.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
-    _triton_kernels()["relu_square_matmul"][(programs,)](
+    _triton_kernels()["relu_square_matmul"][(settings["PROGRAMS"],)](
         TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
-        TensorDescriptor.from_tensor(out, on), TensorDescriptor.from_tensor(post, on),
-        M, N, K=K, BACKWARD=backward, UPCAST=_interpret and a.element_size() < 4, PRECISION=precision,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, PROGRAMS=programs, TILES=-(-tiles // programs),
-        SUBTILE=sub, PREFETCH=MLP_PREFETCH, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
+        TensorDescriptor.from_tensor(out, on), TensorDescriptor.from_tensor(post, on), M, N, **settings)
     return out
 
 
-def _mlp_tiles(K, element_size):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SUBTILE) of the kernel for a K-wide product of elements this size.
+def _mlp_settings(M, N, K, dtype, backward, programs):
+    """The kernel's compile-time arguments (num_stages and num_warps among them) for an (M, K) @ (N, K)ᵀ
+    product in `dtype` on `programs` SMs: what _relu_square_matmul launches (tests build them for an H100).
 
     float32 takes a quarter of the K-step and half the columns: its tiles are twice bf16's bytes,
     and its output and `post` tiles too, which sit in shared memory beside the next tile's
     stages. The step is a power of 2 from 16 (the tensor cores' smallest); TMA reads zeros
     past the matrix's edge. A half tile's rows must hold 16 bytes (TMA's least)."""
-    wide = element_size > 2
+    wide = dtype.itemsize > 2
     step = MLP_BLOCK_K // 4 if wide else MLP_BLOCK_K
     bk = max(16, min(step, 1 << (K - 1).bit_length()))
-    bn = max(16, MLP_BLOCK_N // 2) if wide else MLP_BLOCK_N
-    return MLP_BLOCK_M, bn, bk, MLP_SUBTILE and bn // 2 * element_size >= 16
+    bm, bn = MLP_BLOCK_M, max(16, MLP_BLOCK_N // 2) if wide else MLP_BLOCK_N
+    tiles = -(-M // bm) * -(-N // bn)
+    programs = min(tiles, programs)
+    # float32 multiplies as the plain version's matmul would: TF32 unless the run asked for "highest"
+    precision = "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return dict(K=K, BACKWARD=backward, UPCAST=_interpret and dtype.itemsize < 4, PRECISION=precision,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, PROGRAMS=programs,
+                TILES=-(-tiles // programs), SUBTILE=MLP_SUBTILE and bn // 2 * dtype.itemsize >= 16,
+                PREFETCH=MLP_PREFETCH, num_stages=MLP_STAGES, num_warps=MLP_WARPS)
 
 
 def _programs(device):

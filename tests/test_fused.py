@@ -158,21 +158,23 @@ def test_the_mlp_kernel_built_for_an_h100_fits_what_prepare_asks_of_the_gpu(dtyp
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # built afresh, into the test's own folder
-    C = 512  # train.py's width: K of both products (x @ w_fcᵀ, and dout @ w_proj)
-    bm, bn, bk, sub = kernels._mlp_tiles(C, dtype.itemsize)
-    kind = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    out = f"tensordesc<{kind}[{bm}, {bn // 2 if sub else bn}]>"
-    signature = {"a_desc": f"tensordesc<{kind}[{bm}, {bk}]>", "b_desc": f"tensordesc<{kind}[{bn}, {bk}]>",
-                 "out_desc": out, "post_desc": out, "M": "i32", "N": "i32"}
     kernel = kernels._triton_kernels()["relu_square_matmul"]
-    for backward in (False, True):
-        constants = dict(K=C, BACKWARD=backward, UPCAST=False, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                         GROUP_M=kernels.MLP_GROUP_M, PROGRAMS=132, TILES=16, SUBTILE=sub,
-                         PREFETCH=kernels.MLP_PREFETCH)
-        source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+    kind = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # as train.py sets it
+    try:  # train.py's shapes: 128 x 2048 tokens, width 512 (K of both products), 4 x 512 hidden; 132 SMs
+        settings = [kernels._mlp_settings(128 * 2048, 2048, 512, dtype, backward, 132) for backward in (False, True)]
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    for constants in settings:
+        backward, bm, bn, bk = constants["BACKWARD"], constants["BLOCK_M"], constants["BLOCK_N"], constants["BLOCK_K"]
+        options = dict(num_stages=constants.pop("num_stages"), num_warps=constants.pop("num_warps"))
+        out = f"tensordesc<{kind}[{bm}, {bn // 2 if constants['SUBTILE'] else bn}]>"
+        signature = {"a_desc": f"tensordesc<{kind}[{bm}, {bk}]>", "b_desc": f"tensordesc<{kind}[{bn}, {bk}]>",
+                     "out_desc": out, "post_desc": out, "M": "i32", "N": "i32", **dict.fromkeys(constants, "constexpr")}
+        source = ASTSource(fn=kernel, signature=signature,
                            constexprs={(kernel.arg_names.index(name),): v for name, v in constants.items()})
-        built = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_stages=kernels.MLP_STAGES, num_warps=kernels.MLP_WARPS))
+        built = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         assert 0 < built.metadata.shared <= kernels.MLP_SHARED_MEMORY, (backward, built.metadata.shared)
         ptx = tmp_path / f"mlp_{backward}.ptx"
         ptx.write_text(built.asm["ptx"])
